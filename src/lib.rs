@@ -9,10 +9,12 @@
 //! - `cli`: the command line (one file per command group).
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod duration;
 pub mod error;
 pub mod keyring;
+pub mod scheduler;
 pub mod store;
