@@ -127,12 +127,16 @@ pub async fn run(ctx: &Ctx, cmd: SecretsCmd) -> anyhow::Result<()> {
             } else {
                 None
             };
+            // Without a terminal, a log line every few seconds says how far
+            // it got, instead of a bar.
+            let last_log = std::cell::Cell::new(std::time::Instant::now());
             let outcome = app
                 .import_secrets(reader, &source, super::now(), |done, total| {
                     if let Some(bar) = &bar {
                         bar.set_length(total as u64);
                         bar.set_position(done as u64);
-                    } else {
+                    } else if last_log.get().elapsed() >= std::time::Duration::from_secs(2) {
+                        last_log.set(std::time::Instant::now());
                         tracing::info!(rows_done = done, rows_total = total, "importing secrets");
                     }
                 })
