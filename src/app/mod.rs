@@ -6,6 +6,7 @@
 
 pub mod keyring;
 pub mod secrets;
+pub mod tokens;
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

@@ -145,9 +145,5 @@ pub async fn run_keyring(ctx: &Ctx, cmd: KeyringCmd) -> anyhow::Result<()> {
 
 pub async fn jwks(ctx: &Ctx) -> anyhow::Result<()> {
     let app = ctx.open(OpenMode::Existing).await?;
-    let keys = app.store.list_keys(Some(Purpose::Signing)).await?;
-
-    let _ = keys;
-    let jwks: Vec<serde_json::Value> = Vec::new();
-    print_json(&serde_json::json!({ "keys": jwks }))
+    print_json(&app.jwks().await?)
 }

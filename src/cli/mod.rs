@@ -2,12 +2,14 @@
 //! file per command group. `main` parses, calls `run`, and turns the error
 //! into a message and an exit status once.
 
+mod apikey;
 mod config_cmd;
 mod crypt;
 mod init;
 mod keys;
 mod secrets;
 mod status;
+mod token;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -92,6 +94,12 @@ pub enum Command {
     /// Show the effective config or print an annotated default.
     #[command(subcommand)]
     Config(config_cmd::ConfigCmd),
+    /// Sign, verify, encrypt, decrypt and revoke tokens (JWS and JWE).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
+    /// keywarden's own API keys: create, list, revoke, verify.
+    #[command(subcommand)]
+    Apikey(apikey::ApikeyCmd),
 }
 
 /// What every command gets: the parsed global flags.
@@ -168,6 +176,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decrypt => crypt::decrypt(&ctx).await,
         Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
+        Command::Token(cmd) => token::run(&ctx, cmd).await,
+        Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
     }
 }
 

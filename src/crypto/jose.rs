@@ -8,7 +8,8 @@
 //!
 //! Verification follows RFC 8725 (JWT best current practices):
 //! - the token size is capped before anything is decoded;
-//! - the header is parsed once, here, and `alg: none` or any algorithm we do not issue is refused;
+//! - the header is parsed here (or recognised byte for byte as one our own signer wrote), and
+//!   `alg: none` or any algorithm we do not issue is refused;
 //! - the key is chosen by `kid` with a plain map lookup (the kid never becomes a path or a query);
 //! - the algorithm is pinned to the key that the kid names, so an HS256 token that names an RSA
 //!   key is an [`VerifyError::AlgorithmMismatch`], never an HMAC keyed with a public key;
@@ -74,8 +75,12 @@ pub enum SigningAlg {
 
 impl SigningAlg {
     /// Every supported algorithm, in a stable order.
-    pub const ALL: [SigningAlg; 4] =
-        [SigningAlg::HS256, SigningAlg::RS256, SigningAlg::ES256, SigningAlg::EdDSA];
+    pub const ALL: [SigningAlg; 4] = [
+        SigningAlg::HS256,
+        SigningAlg::RS256,
+        SigningAlg::ES256,
+        SigningAlg::EdDSA,
+    ];
 
     /// The JOSE `alg` name.
     pub fn as_str(self) -> &'static str {
@@ -305,18 +310,24 @@ pub fn generate_signing_material(alg: SigningAlg) -> Zeroizing<Vec<u8>> {
         }
         SigningAlg::RS256 => {
             let pair = RsaKeyPair::generate(KeySize::Rsa2048).expect(RNG_FAILED);
-            let der = pair.as_der().expect("a generated RSA key encodes as PKCS#8");
+            let der = pair
+                .as_der()
+                .expect("a generated RSA key encodes as PKCS#8");
             pem_encode_private_key(der.as_ref())
         }
         SigningAlg::ES256 => {
             let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect(RNG_FAILED);
-            let der = pair.to_pkcs8v1().expect("a generated P-256 key encodes as PKCS#8");
+            let der = pair
+                .to_pkcs8v1()
+                .expect("a generated P-256 key encodes as PKCS#8");
             pem_encode_private_key(der.as_ref())
         }
         SigningAlg::EdDSA => {
             let pair = Ed25519KeyPair::generate().expect(RNG_FAILED);
             // PKCS#8 v1 is what `openssl genpkey` writes and what every JOSE library loads.
-            let der = pair.to_pkcs8v1().expect("a generated Ed25519 key encodes as PKCS#8");
+            let der = pair
+                .to_pkcs8v1()
+                .expect("a generated Ed25519 key encodes as PKCS#8");
             pem_encode_private_key(der.as_ref())
         }
     }
@@ -354,7 +365,11 @@ impl SigningKey {
         // Parsing with aws-lc-rs first checks that the material really is a key of this algorithm,
         // so that signing cannot fail later for a reason that was knowable now.
         parse_private_key(kid, alg, material)?;
-        let invalid = |reason| KeyError::InvalidMaterial { kid: kid.to_owned(), alg, reason };
+        let invalid = |reason| KeyError::InvalidMaterial {
+            kid: kid.to_owned(),
+            alg,
+            reason,
+        };
         let key = match alg {
             SigningAlg::HS256 => jsonwebtoken::EncodingKey::from_secret(material),
             SigningAlg::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(material)
@@ -364,9 +379,12 @@ impl SigningKey {
             SigningAlg::EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(material)
                 .map_err(|_| invalid("PEM not accepted by the JWT encoder"))?,
         };
-        let mut header = jsonwebtoken::Header::new(alg.to_jsonwebtoken());
-        header.kid = Some(kid.to_owned());
-        Ok(SigningKey { kid: kid.to_owned(), alg, header, key })
+        Ok(SigningKey {
+            kid: kid.to_owned(),
+            alg,
+            header: signed_header(kid, alg),
+            key,
+        })
     }
 
     /// The key id this key puts in every header.
@@ -385,15 +403,23 @@ impl SigningKey {
         if !claims.is_object() {
             return Err(KeyError::ClaimsNotObject);
         }
-        jsonwebtoken::encode(&self.header, claims, &self.key)
-            .map_err(|_| KeyError::Signing { kid: self.kid.clone() })
+        jsonwebtoken::encode(&self.header, claims, &self.key).map_err(|_| KeyError::Signing {
+            kid: self.kid.clone(),
+        })
     }
+}
+
+/// The JWS header [`SigningKey`] writes: `{"typ":"JWT","alg":..,"kid":..}`.
+fn signed_header(kid: &str, alg: SigningAlg) -> jsonwebtoken::Header {
+    let mut header = jsonwebtoken::Header::new(alg.to_jsonwebtoken());
+    header.kid = Some(kid.to_owned());
+    header
 }
 
 /// A prebuilt verification key.
 enum Verifier {
-    /// The HMAC key schedule, computed once.
-    Hmac(hmac::Key),
+    /// The HMAC key schedule, computed once (boxed: it is far larger than a parsed public key).
+    Hmac(Box<hmac::Key>),
     /// A public key parsed once by aws-lc-rs, bound to its verification algorithm.
     Public(ParsedPublicKey),
 }
@@ -411,6 +437,10 @@ struct Entry {
 /// lookup plus the signature primitive plus JSON parsing of the claims.
 pub struct VerifierSet {
     keys: HashMap<String, Entry>,
+    /// The exact encoded header our own [`SigningKey`] writes for each key, mapped to what parsing
+    /// it yields. Every token a key signs repeats these bytes, so recognising them skips a
+    /// base64 decode and a JSON parse per call; any other header takes the parsing path.
+    own_headers: HashMap<String, (String, SigningAlg)>,
 }
 
 impl fmt::Debug for VerifierSet {
@@ -419,7 +449,10 @@ impl fmt::Debug for VerifierSet {
         kids.sort_by(|a, b| a.0.cmp(b.0));
         let mut list = f.debug_list();
         for (kid, entry) in kids {
-            list.entry(&format_args!("{kid} {} {:?} [redacted]", entry.alg, entry.state));
+            list.entry(&format_args!(
+                "{kid} {} {:?} [redacted]",
+                entry.alg, entry.state
+            ));
         }
         list.finish()
     }
@@ -433,6 +466,7 @@ impl VerifierSet {
         keys: impl IntoIterator<Item = (String, SigningAlg, KeyUse, &'m [u8])>,
     ) -> Result<Self, KeyError> {
         let mut map = HashMap::new();
+        let mut own_headers = HashMap::new();
         for (kid, alg, state, material) in keys {
             if !is_valid_kid(&kid) {
                 return Err(KeyError::InvalidKid);
@@ -444,9 +478,22 @@ impl VerifierSet {
             if map.contains_key(&kid) {
                 return Err(KeyError::DuplicateKid(kid));
             }
-            map.insert(kid, Entry { alg, state, verifier });
+            let header_json = serde_json::to_vec(&signed_header(&kid, alg))
+                .expect("a JWS header always serializes");
+            own_headers.insert(URL_SAFE_NO_PAD.encode(header_json), (kid.clone(), alg));
+            map.insert(
+                kid,
+                Entry {
+                    alg,
+                    state,
+                    verifier,
+                },
+            );
         }
-        Ok(VerifierSet { keys: map })
+        Ok(VerifierSet {
+            keys: map,
+            own_headers,
+        })
     }
 
     /// Number of keys in the set, usable or not.
@@ -463,21 +510,41 @@ impl VerifierSet {
     /// [`check_claims`]. The first failing check decides the error.
     pub fn verify(&self, token: &str, opts: &VerifyOptions) -> Result<Verified, VerifyError> {
         if token.len() > opts.max_size {
-            return Err(VerifyError::TooLarge { size: token.len(), max: opts.max_size });
+            return Err(VerifyError::TooLarge {
+                size: token.len(),
+                max: opts.max_size,
+            });
         }
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(VerifyError::malformed("a JWS has exactly three dot-separated parts"));
+            return Err(VerifyError::malformed(
+                "a JWS has exactly three dot-separated parts",
+            ));
         };
         let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
 
-        let header_json = decode_b64(header_b64, "header")?;
-        let header = parse_jws_header(&header_json)?;
-        let entry = self.keys.get(header.kid.as_ref()).ok_or(VerifyError::UnknownKid)?;
+        let header_json;
+        let header = match self.own_headers.get(header_b64) {
+            Some((kid, alg)) => JwsHeader {
+                alg: *alg,
+                kid: Cow::Borrowed(kid.as_str()),
+            },
+            None => {
+                header_json = decode_b64(header_b64, "header")?;
+                parse_jws_header(&header_json)?
+            }
+        };
+        let entry = self
+            .keys
+            .get(header.kid.as_ref())
+            .ok_or(VerifyError::UnknownKid)?;
         if entry.alg != header.alg {
-            return Err(VerifyError::AlgorithmMismatch { expected: entry.alg, found: header.alg });
+            return Err(VerifyError::AlgorithmMismatch {
+                expected: entry.alg,
+                found: header.alg,
+            });
         }
         let verifier = match (entry.state, &entry.verifier) {
             (KeyUse::Unusable(state), _) => return Err(VerifyError::KeyNotUsable(state)),
@@ -504,7 +571,11 @@ impl VerifierSet {
         let payload = decode_b64(payload_b64, "payload")?;
         let claims = parse_claims(&payload)?;
         check_claims(&claims, opts)?;
-        Ok(Verified { kid: header.kid.into_owned(), alg: header.alg, claims })
+        Ok(Verified {
+            kid: header.kid.into_owned(),
+            alg: header.alg,
+            claims,
+        })
     }
 }
 
@@ -516,8 +587,9 @@ impl VerifierSet {
 /// - with an audience configured, `aud` (a string or an array of strings) must contain it;
 ///   without one, a token carrying `aud` is rejected.
 pub fn check_claims(claims: &Value, opts: &VerifyOptions) -> Result<(), VerifyError> {
-    let claims =
-        claims.as_object().ok_or_else(|| VerifyError::malformed("claims are not a JSON object"))?;
+    let claims = claims
+        .as_object()
+        .ok_or_else(|| VerifyError::malformed("claims are not a JSON object"))?;
     let leeway = opts.leeway_secs.max(0);
 
     let exp = numeric_date(claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
@@ -561,7 +633,9 @@ pub fn check_claims(claims: &Value, opts: &VerifyOptions) -> Result<(), VerifyEr
             }
         }
         (Some(_), Some(_)) => {
-            return Err(VerifyError::malformed("aud is neither a string nor an array"));
+            return Err(VerifyError::malformed(
+                "aud is neither a string nor an array",
+            ));
         }
     }
     Ok(())
@@ -580,8 +654,14 @@ pub fn public_jwk(kid: &str, alg: SigningAlg, material: &[u8]) -> Result<Option<
         PrivateKey::Rsa(pair) => {
             let public = pair.public_key();
             jwk.insert("kty".into(), "RSA".into());
-            jwk.insert("n".into(), b64(public.modulus().big_endian_without_leading_zero()));
-            jwk.insert("e".into(), b64(public.exponent().big_endian_without_leading_zero()));
+            jwk.insert(
+                "n".into(),
+                b64(public.modulus().big_endian_without_leading_zero()),
+            );
+            jwk.insert(
+                "e".into(),
+                b64(public.exponent().big_endian_without_leading_zero()),
+            );
         }
         PrivateKey::Ec(pair) => {
             // An uncompressed SEC1 point: 0x04 || x || y, 32 bytes each on P-256.
@@ -636,7 +716,11 @@ enum PrivateKey {
 }
 
 fn parse_private_key(kid: &str, alg: SigningAlg, material: &[u8]) -> Result<PrivateKey, KeyError> {
-    let invalid = |reason| KeyError::InvalidMaterial { kid: kid.to_owned(), alg, reason };
+    let invalid = |reason| KeyError::InvalidMaterial {
+        kid: kid.to_owned(),
+        alg,
+        reason,
+    };
     if alg == SigningAlg::HS256 {
         if material.len() < HMAC_SECRET_LEN {
             return Err(invalid("HMAC secret shorter than 32 bytes"));
@@ -665,14 +749,21 @@ fn parse_private_key(kid: &str, alg: SigningAlg, material: &[u8]) -> Result<Priv
 }
 
 fn build_verifier(kid: &str, alg: SigningAlg, material: &[u8]) -> Result<Verifier, KeyError> {
-    let invalid = |reason| KeyError::InvalidMaterial { kid: kid.to_owned(), alg, reason };
+    let invalid = |reason| KeyError::InvalidMaterial {
+        kid: kid.to_owned(),
+        alg,
+        reason,
+    };
     let parsed = |valg: &'static dyn signature::VerificationAlgorithm, public: &[u8]| {
         ParsedPublicKey::new(valg, public)
             .map(Verifier::Public)
             .map_err(|_| invalid("public key rejected"))
     };
     match parse_private_key(kid, alg, material)? {
-        PrivateKey::Hmac => Ok(Verifier::Hmac(hmac::Key::new(hmac::HMAC_SHA256, material))),
+        PrivateKey::Hmac => Ok(Verifier::Hmac(Box::new(hmac::Key::new(
+            hmac::HMAC_SHA256,
+            material,
+        )))),
         PrivateKey::Rsa(pair) => parsed(&RSA_PKCS1_2048_8192_SHA256, pair.public_key().as_ref()),
         PrivateKey::Ec(pair) => parsed(&ECDSA_P256_SHA256_FIXED, pair.public_key().as_ref()),
         PrivateKey::Ed(pair) => parsed(&ED25519, pair.public_key().as_ref()),
@@ -756,8 +847,15 @@ pub(crate) fn parse_jose_header(json: &[u8]) -> Result<JoseHeader<'_>, VerifyErr
     {
         return Err(VerifyError::malformed("header typ is not JWT"));
     }
-    let kid = raw.kid.ok_or_else(|| VerifyError::malformed("header has no kid"))?;
-    Ok(JoseHeader { alg: raw.alg, enc: raw.enc, kid, zip: raw.zip.is_some() })
+    let kid = raw
+        .kid
+        .ok_or_else(|| VerifyError::malformed("header has no kid"))?;
+    Ok(JoseHeader {
+        alg: raw.alg,
+        enc: raw.enc,
+        kid,
+        zip: raw.zip.is_some(),
+    })
 }
 
 fn parse_jws_header(json: &[u8]) -> Result<JwsHeader<'_>, VerifyError> {
@@ -767,14 +865,23 @@ fn parse_jws_header(json: &[u8]) -> Result<JwsHeader<'_>, VerifyError> {
     }
     let alg = SigningAlg::from_jose_name(&header.alg)
         .ok_or_else(|| VerifyError::UnsupportedAlgorithm(printable_alg(&header.alg)))?;
-    Ok(JwsHeader { alg, kid: header.kid })
+    Ok(JwsHeader {
+        alg,
+        kid: header.kid,
+    })
 }
 
 /// An attacker-chosen algorithm name, made safe to log: short and plain, or a placeholder.
 pub(crate) fn printable_alg(alg: &str) -> String {
     let plain = alg.len() <= 32
-        && alg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'+'));
-    if plain { alg.to_owned() } else { "(unprintable)".to_owned() }
+        && alg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'+'));
+    if plain {
+        alg.to_owned()
+    } else {
+        "(unprintable)".to_owned()
+    }
 }
 
 /// Decodes one unpadded base64url part, naming the part (not its content) on failure.
@@ -807,11 +914,15 @@ impl<'de> Deserialize<'de> for StrictObject {
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<StrictObject, A::Error> {
                 let mut map = Map::new();
                 while let Some(name) = access.next_key::<String>()? {
-                    if map.contains_key(&name) {
-                        return Err(de::Error::custom("duplicate claim name"));
-                    }
                     let value = access.next_value::<Value>()?;
-                    map.insert(name, value);
+                    match map.entry(name) {
+                        serde_json::map::Entry::Vacant(slot) => {
+                            slot.insert(value);
+                        }
+                        serde_json::map::Entry::Occupied(_) => {
+                            return Err(de::Error::custom("duplicate claim name"));
+                        }
+                    }
                 }
                 Ok(StrictObject(map))
             }
@@ -820,11 +931,16 @@ impl<'de> Deserialize<'de> for StrictObject {
     }
 }
 
-fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<f64>, VerifyError> {
+fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<f64>, VerifyError> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(VerifyError::Malformed(format!("{name} is not a NumericDate"))),
+        Some(_) => Err(VerifyError::Malformed(format!(
+            "{name} is not a NumericDate"
+        ))),
     }
 }
 
@@ -854,7 +970,12 @@ mod tests {
         }
 
         fn material(&self, alg: SigningAlg) -> &[u8] {
-            &self.materials.iter().find(|(a, _)| *a == alg).expect("every alg is generated").1
+            &self
+                .materials
+                .iter()
+                .find(|(a, _)| *a == alg)
+                .expect("every alg is generated")
+                .1
         }
 
         fn signer(&self, alg: SigningAlg) -> SigningKey {
@@ -888,10 +1009,22 @@ mod tests {
             let ring = ours();
             let mut keys: Vec<(String, SigningAlg, KeyUse, &[u8])> = SigningAlg::ALL
                 .into_iter()
-                .map(|alg| (kid_of(alg).to_owned(), alg, KeyUse::Active, ring.material(alg)))
+                .map(|alg| {
+                    (
+                        kid_of(alg).to_owned(),
+                        alg,
+                        KeyUse::Active,
+                        ring.material(alg),
+                    )
+                })
                 .collect();
             for state in ["revoked", "retired", "destroyed", "pending"] {
-                keys.push((format!("hs-{state}"), SigningAlg::HS256, KeyUse::Unusable(state), &[]));
+                keys.push((
+                    format!("hs-{state}"),
+                    SigningAlg::HS256,
+                    KeyUse::Unusable(state),
+                    &[],
+                ));
             }
             VerifierSet::new(keys).expect("valid keys")
         })
@@ -961,10 +1094,15 @@ mod tests {
         for alg in SigningAlg::ALL {
             let token = ours().signer(alg).sign(&claims()).unwrap();
             let header: Value = serde_json::from_slice(
-                &URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap(),
+                &URL_SAFE_NO_PAD
+                    .decode(token.split('.').next().unwrap())
+                    .unwrap(),
             )
             .unwrap();
-            assert_eq!(header, json!({ "typ": "JWT", "alg": alg.as_str(), "kid": kid_of(alg) }));
+            assert_eq!(
+                header,
+                json!({ "typ": "JWT", "alg": alg.as_str(), "kid": kid_of(alg) })
+            );
         }
     }
 
@@ -973,7 +1111,9 @@ mod tests {
         // An independent check of both the signatures and the published JWKs.
         for alg in [SigningAlg::RS256, SigningAlg::ES256, SigningAlg::EdDSA] {
             let token = ours().signer(alg).sign(&claims()).unwrap();
-            let jwk_json = public_jwk(kid_of(alg), alg, ours().material(alg)).unwrap().unwrap();
+            let jwk_json = public_jwk(kid_of(alg), alg, ours().material(alg))
+                .unwrap()
+                .unwrap();
             let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk_json).unwrap();
             let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
             let mut validation = jsonwebtoken::Validation::new(alg.to_jsonwebtoken());
@@ -1016,8 +1156,11 @@ mod tests {
         );
         let hs512 = forge_hs(r#"{"alg":"HS512","kid":"hs-1"}"#, &payload(&claims()));
         let random_signature = replace_part(&good_hs, 2, &b64(&[7u8; 32]));
-        let tampered_payload =
-            replace_part(&good_hs, 1, &b64(payload(&json!({"sub": "admin", "exp": NOW + 600})).as_bytes()));
+        let tampered_payload = replace_part(
+            &good_hs,
+            1,
+            &b64(payload(&json!({"sub": "admin", "exp": NOW + 600})).as_bytes()),
+        );
         let truncated_to_two_parts = good_hs.rsplit_once('.').unwrap().0.to_owned();
         let truncated_signature = {
             let (input, sig) = good_hs.rsplit_once('.').unwrap();
@@ -1025,13 +1168,19 @@ mod tests {
             format!("{input}.{}", b64(&raw[..raw.len() - 3]))
         };
         let huge_header = forge_hs(
-            &format!(r#"{{"alg":"HS256","kid":"hs-1","pad":"{}"}}"#, "x".repeat(9000)),
+            &format!(
+                r#"{{"alg":"HS256","kid":"hs-1","pad":"{}"}}"#,
+                "x".repeat(9000)
+            ),
             &payload(&claims()),
         );
         let too_large = format!("{good_hs}{}", "A".repeat(DEFAULT_MAX_TOKEN_SIZE));
         let another_keyring_same_kid = |alg| other().signer(alg).sign(&claims()).unwrap();
         let revoked = |state: &str| {
-            forge_hs(&format!(r#"{{"alg":"HS256","kid":"hs-{state}"}}"#), &payload(&claims()))
+            forge_hs(
+                &format!(r#"{{"alg":"HS256","kid":"hs-{state}"}}"#),
+                &payload(&claims()),
+            )
         };
         let with_opts = |issuer: Option<&str>, audience: Option<&str>| VerifyOptions {
             issuer: issuer.map(str::to_owned),
@@ -1040,18 +1189,31 @@ mod tests {
         };
 
         let table: Vec<(&str, String, VerifyOptions, VerifyError)> = vec![
-            ("garbage", "not-a-token".into(), opts(), VerifyError::malformed("")),
+            (
+                "garbage",
+                "not-a-token".into(),
+                opts(),
+                VerifyError::malformed(""),
+            ),
             ("empty", String::new(), opts(), VerifyError::malformed("")),
             (
                 "too large",
                 too_large.clone(),
                 opts(),
-                VerifyError::TooLarge { size: too_large.len(), max: DEFAULT_MAX_TOKEN_SIZE },
+                VerifyError::TooLarge {
+                    size: too_large.len(),
+                    max: DEFAULT_MAX_TOKEN_SIZE,
+                },
             ),
-            ("huge header", huge_header.clone(), opts(), VerifyError::TooLarge {
-                size: huge_header.len(),
-                max: DEFAULT_MAX_TOKEN_SIZE,
-            }),
+            (
+                "huge header",
+                huge_header.clone(),
+                opts(),
+                VerifyError::TooLarge {
+                    size: huge_header.len(),
+                    max: DEFAULT_MAX_TOKEN_SIZE,
+                },
+            ),
             ("unknown kid", ghost, opts(), VerifyError::UnknownKid),
             (
                 "duplicate-looking kid (trailing space)",
@@ -1067,34 +1229,97 @@ mod tests {
             ),
             (
                 "duplicate-looking kid (unicode hyphen)",
-                forge_hs("{\"alg\":\"HS256\",\"kid\":\"hs\u{2011}1\"}", &payload(&claims())),
+                forge_hs(
+                    "{\"alg\":\"HS256\",\"kid\":\"hs\u{2011}1\"}",
+                    &payload(&claims()),
+                ),
                 opts(),
                 VerifyError::UnknownKid,
             ),
-            ("revoked key", revoked("revoked"), opts(), VerifyError::KeyNotUsable("revoked")),
-            ("retired key", revoked("retired"), opts(), VerifyError::KeyNotUsable("retired")),
-            ("destroyed key", revoked("destroyed"), opts(), VerifyError::KeyNotUsable("destroyed")),
-            ("pending key", revoked("pending"), opts(), VerifyError::KeyNotUsable("pending")),
-            ("HS256 token naming an RSA key", hs_naming_rsa, opts(), VerifyError::AlgorithmMismatch {
-                expected: SigningAlg::RS256,
-                found: SigningAlg::HS256,
-            }),
-            ("ES256 token naming an Ed25519 key", es_naming_ed, opts(), VerifyError::AlgorithmMismatch {
-                expected: SigningAlg::EdDSA,
-                found: SigningAlg::ES256,
-            }),
-            ("alg none", none, opts(), VerifyError::UnsupportedAlgorithm("none".into())),
-            ("alg HS512", hs512, opts(), VerifyError::UnsupportedAlgorithm("HS512".into())),
-            ("random signature", random_signature, opts(), VerifyError::BadSignature),
-            ("tampered payload", tampered_payload, opts(), VerifyError::BadSignature),
+            (
+                "revoked key",
+                revoked("revoked"),
+                opts(),
+                VerifyError::KeyNotUsable("revoked"),
+            ),
+            (
+                "retired key",
+                revoked("retired"),
+                opts(),
+                VerifyError::KeyNotUsable("retired"),
+            ),
+            (
+                "destroyed key",
+                revoked("destroyed"),
+                opts(),
+                VerifyError::KeyNotUsable("destroyed"),
+            ),
+            (
+                "pending key",
+                revoked("pending"),
+                opts(),
+                VerifyError::KeyNotUsable("pending"),
+            ),
+            (
+                "HS256 token naming an RSA key",
+                hs_naming_rsa,
+                opts(),
+                VerifyError::AlgorithmMismatch {
+                    expected: SigningAlg::RS256,
+                    found: SigningAlg::HS256,
+                },
+            ),
+            (
+                "ES256 token naming an Ed25519 key",
+                es_naming_ed,
+                opts(),
+                VerifyError::AlgorithmMismatch {
+                    expected: SigningAlg::EdDSA,
+                    found: SigningAlg::ES256,
+                },
+            ),
+            (
+                "alg none",
+                none,
+                opts(),
+                VerifyError::UnsupportedAlgorithm("none".into()),
+            ),
+            (
+                "alg HS512",
+                hs512,
+                opts(),
+                VerifyError::UnsupportedAlgorithm("HS512".into()),
+            ),
+            (
+                "random signature",
+                random_signature,
+                opts(),
+                VerifyError::BadSignature,
+            ),
+            (
+                "tampered payload",
+                tampered_payload,
+                opts(),
+                VerifyError::BadSignature,
+            ),
             (
                 "tampered signature HS256",
                 flip_last_signature_byte(&good_hs),
                 opts(),
                 VerifyError::BadSignature,
             ),
-            ("truncated to two parts", truncated_to_two_parts, opts(), VerifyError::malformed("")),
-            ("truncated signature", truncated_signature, opts(), VerifyError::BadSignature),
+            (
+                "truncated to two parts",
+                truncated_to_two_parts,
+                opts(),
+                VerifyError::malformed(""),
+            ),
+            (
+                "truncated signature",
+                truncated_signature,
+                opts(),
+                VerifyError::BadSignature,
+            ),
             (
                 "four parts",
                 format!("{good_hs}.AAAA"),
@@ -1121,25 +1346,38 @@ mod tests {
             ),
             (
                 "header with duplicate alg",
-                forge_hs(r#"{"alg":"HS256","alg":"none","kid":"hs-1"}"#, &payload(&claims())),
+                forge_hs(
+                    r#"{"alg":"HS256","alg":"none","kid":"hs-1"}"#,
+                    &payload(&claims()),
+                ),
                 opts(),
                 VerifyError::malformed(""),
             ),
             (
                 "header with crit",
-                forge_hs(r#"{"alg":"HS256","kid":"hs-1","crit":["b64"],"b64":false}"#, &payload(&claims())),
+                forge_hs(
+                    r#"{"alg":"HS256","kid":"hs-1","crit":["b64"],"b64":false}"#,
+                    &payload(&claims()),
+                ),
                 opts(),
                 VerifyError::malformed(""),
             ),
             (
                 "header typ is not JWT",
-                forge_hs(r#"{"alg":"HS256","kid":"hs-1","typ":"dpop+jwt"}"#, &payload(&claims())),
+                forge_hs(
+                    r#"{"alg":"HS256","kid":"hs-1","typ":"dpop+jwt"}"#,
+                    &payload(&claims()),
+                ),
                 opts(),
                 VerifyError::malformed(""),
             ),
             (
                 "padded base64 header",
-                replace_part(&good_hs, 0, &format!("{}=", good_hs.split('.').next().unwrap())),
+                replace_part(
+                    &good_hs,
+                    0,
+                    &format!("{}=", good_hs.split('.').next().unwrap()),
+                ),
                 opts(),
                 VerifyError::malformed(""),
             ),
@@ -1157,7 +1395,10 @@ mod tests {
             ),
             (
                 "payload repeats exp",
-                forge_hs(HS_HEADER, &format!(r#"{{"exp":{},"exp":{}}}"#, NOW - 10_000, NOW + 600)),
+                forge_hs(
+                    HS_HEADER,
+                    &format!(r#"{{"exp":{},"exp":{}}}"#, NOW - 10_000, NOW + 600),
+                ),
                 opts(),
                 VerifyError::malformed(""),
             ),
@@ -1173,7 +1414,12 @@ mod tests {
                 opts(),
                 VerifyError::NotYetValid,
             ),
-            ("missing exp", hs_token_with(&json!({ "sub": "x" })), opts(), VerifyError::MissingClaim("exp")),
+            (
+                "missing exp",
+                hs_token_with(&json!({ "sub": "x" })),
+                opts(),
+                VerifyError::MissingClaim("exp"),
+            ),
             (
                 "exp is a string",
                 hs_token_with(&json!({ "exp": "tomorrow" })),
@@ -1247,15 +1493,27 @@ mod tests {
     #[test]
     fn exp_and_nbf_boundaries_honour_the_leeway() {
         let at = |claims: Value| set().verify(&hs_token_with(&claims), &opts());
-        assert_eq!(at(json!({ "exp": NOW - 60 })).err(), Some(VerifyError::Expired));
+        assert_eq!(
+            at(json!({ "exp": NOW - 60 })).err(),
+            Some(VerifyError::Expired)
+        );
         assert!(at(json!({ "exp": NOW - 59 })).is_ok());
         assert!(at(json!({ "exp": NOW + 600, "nbf": NOW + 60 })).is_ok());
-        assert_eq!(at(json!({ "exp": NOW + 600, "nbf": NOW + 61 })).err(), Some(VerifyError::NotYetValid));
-        let strict = VerifyOptions { leeway_secs: 0, ..opts() };
+        assert_eq!(
+            at(json!({ "exp": NOW + 600, "nbf": NOW + 61 })).err(),
+            Some(VerifyError::NotYetValid)
+        );
+        let strict = VerifyOptions {
+            leeway_secs: 0,
+            ..opts()
+        };
         let token = hs_token_with(&json!({ "exp": NOW + 1 }));
         assert!(set().verify(&token, &strict).is_ok());
         let token = hs_token_with(&json!({ "exp": NOW }));
-        assert_eq!(set().verify(&token, &strict).err(), Some(VerifyError::Expired));
+        assert_eq!(
+            set().verify(&token, &strict).err(),
+            Some(VerifyError::Expired)
+        );
         // Fractional NumericDates are allowed by RFC 7519 and compared exactly.
         let token = hs_token_with(&json!({ "exp": NOW as f64 + 0.5 }));
         assert!(set().verify(&token, &strict).is_ok());
@@ -1276,16 +1534,28 @@ mod tests {
 
     #[test]
     fn check_claims_rejects_non_object_claims() {
-        assert!(matches!(check_claims(&json!([1]), &opts()), Err(VerifyError::Malformed(_))));
+        assert!(matches!(
+            check_claims(&json!([1]), &opts()),
+            Err(VerifyError::Malformed(_))
+        ));
     }
 
     #[test]
     fn token_exactly_at_the_size_cap_is_decoded() {
         let token = set_token_of_len(300);
-        let opts = VerifyOptions { max_size: token.len(), ..opts() };
+        let opts = VerifyOptions {
+            max_size: token.len(),
+            ..opts()
+        };
         assert!(set().verify(&token, &opts).is_ok());
-        let opts = VerifyOptions { max_size: token.len() - 1, ..opts };
-        assert!(matches!(set().verify(&token, &opts), Err(VerifyError::TooLarge { .. })));
+        let opts = VerifyOptions {
+            max_size: token.len() - 1,
+            ..opts
+        };
+        assert!(matches!(
+            set().verify(&token, &opts),
+            Err(VerifyError::TooLarge { .. })
+        ));
     }
 
     fn set_token_of_len(min_len: usize) -> String {
@@ -1302,23 +1572,52 @@ mod tests {
     #[test]
     fn rotation_keeps_old_tokens_valid_until_the_old_key_is_retired() {
         let ring = ours();
-        let old = SigningKey::new("old", SigningAlg::ES256, ring.material(SigningAlg::ES256)).unwrap();
-        let new = SigningKey::new("new", SigningAlg::ES256, other().material(SigningAlg::ES256)).unwrap();
+        let old =
+            SigningKey::new("old", SigningAlg::ES256, ring.material(SigningAlg::ES256)).unwrap();
+        let new = SigningKey::new(
+            "new",
+            SigningAlg::ES256,
+            other().material(SigningAlg::ES256),
+        )
+        .unwrap();
         let old_token = old.sign(&claims()).unwrap();
         let new_token = new.sign(&claims()).unwrap();
         let grace = VerifierSet::new([
-            ("old".to_owned(), SigningAlg::ES256, KeyUse::Retiring, ring.material(SigningAlg::ES256)),
-            ("new".to_owned(), SigningAlg::ES256, KeyUse::Active, other().material(SigningAlg::ES256)),
+            (
+                "old".to_owned(),
+                SigningAlg::ES256,
+                KeyUse::Retiring,
+                ring.material(SigningAlg::ES256),
+            ),
+            (
+                "new".to_owned(),
+                SigningAlg::ES256,
+                KeyUse::Active,
+                other().material(SigningAlg::ES256),
+            ),
         ])
         .unwrap();
         assert_eq!(grace.verify(&old_token, &opts()).unwrap().kid, "old");
         assert_eq!(grace.verify(&new_token, &opts()).unwrap().kid, "new");
         let after = VerifierSet::new([
-            ("old".to_owned(), SigningAlg::ES256, KeyUse::Unusable("retired"), &[][..]),
-            ("new".to_owned(), SigningAlg::ES256, KeyUse::Active, other().material(SigningAlg::ES256)),
+            (
+                "old".to_owned(),
+                SigningAlg::ES256,
+                KeyUse::Unusable("retired"),
+                &[][..],
+            ),
+            (
+                "new".to_owned(),
+                SigningAlg::ES256,
+                KeyUse::Active,
+                other().material(SigningAlg::ES256),
+            ),
         ])
         .unwrap();
-        assert_eq!(after.verify(&old_token, &opts()).err(), Some(VerifyError::KeyNotUsable("retired")));
+        assert_eq!(
+            after.verify(&old_token, &opts()).err(),
+            Some(VerifyError::KeyNotUsable("retired"))
+        );
         assert!(after.verify(&new_token, &opts()).is_ok());
     }
 
@@ -1353,11 +1652,17 @@ mod tests {
         ];
         for (alg, material) in cases {
             assert!(
-                matches!(SigningKey::new("k", alg, material), Err(KeyError::InvalidMaterial { .. })),
+                matches!(
+                    SigningKey::new("k", alg, material),
+                    Err(KeyError::InvalidMaterial { .. })
+                ),
                 "{alg}"
             );
             let set = VerifierSet::new([("k".to_owned(), alg, KeyUse::Active, material)]);
-            assert!(matches!(set, Err(KeyError::InvalidMaterial { .. })), "{alg}");
+            assert!(
+                matches!(set, Err(KeyError::InvalidMaterial { .. })),
+                "{alg}"
+            );
         }
     }
 
@@ -1365,7 +1670,10 @@ mod tests {
     fn bad_kids_and_duplicate_kids_are_rejected() {
         let secret = ours().material(SigningAlg::HS256);
         for kid in ["", "has space", "tab\t", &"k".repeat(MAX_KID_LEN + 1)] {
-            assert_eq!(SigningKey::new(kid, SigningAlg::HS256, secret).err(), Some(KeyError::InvalidKid));
+            assert_eq!(
+                SigningKey::new(kid, SigningAlg::HS256, secret).err(),
+                Some(KeyError::InvalidKid)
+            );
         }
         let dup = VerifierSet::new([
             ("k".to_owned(), SigningAlg::HS256, KeyUse::Active, secret),
@@ -1397,39 +1705,107 @@ mod tests {
     #[test]
     fn jwks_shapes_follow_rfc_7518() {
         let ring = ours();
-        let rsa = public_jwk("rs-1", SigningAlg::RS256, ring.material(SigningAlg::RS256)).unwrap().unwrap();
+        let rsa = public_jwk("rs-1", SigningAlg::RS256, ring.material(SigningAlg::RS256))
+            .unwrap()
+            .unwrap();
         assert_eq!(rsa["kty"], "RSA");
         assert_eq!(rsa["e"], "AQAB");
-        assert_eq!(URL_SAFE_NO_PAD.decode(rsa["n"].as_str().unwrap()).unwrap().len(), 256);
-        let ec = public_jwk("es-1", SigningAlg::ES256, ring.material(SigningAlg::ES256)).unwrap().unwrap();
-        assert_eq!((ec["kty"].as_str(), ec["crv"].as_str()), (Some("EC"), Some("P-256")));
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(rsa["n"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            256
+        );
+        let ec = public_jwk("es-1", SigningAlg::ES256, ring.material(SigningAlg::ES256))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ec["kty"].as_str(), ec["crv"].as_str()),
+            (Some("EC"), Some("P-256"))
+        );
         for coordinate in ["x", "y"] {
-            assert_eq!(URL_SAFE_NO_PAD.decode(ec[coordinate].as_str().unwrap()).unwrap().len(), 32);
+            assert_eq!(
+                URL_SAFE_NO_PAD
+                    .decode(ec[coordinate].as_str().unwrap())
+                    .unwrap()
+                    .len(),
+                32
+            );
         }
-        let ed = public_jwk("ed-1", SigningAlg::EdDSA, ring.material(SigningAlg::EdDSA)).unwrap().unwrap();
-        assert_eq!((ed["kty"].as_str(), ed["crv"].as_str()), (Some("OKP"), Some("Ed25519")));
-        assert_eq!(URL_SAFE_NO_PAD.decode(ed["x"].as_str().unwrap()).unwrap().len(), 32);
-        for (jwk, kid, alg) in [(&rsa, "rs-1", "RS256"), (&ec, "es-1", "ES256"), (&ed, "ed-1", "EdDSA")] {
-            assert_eq!((jwk["kid"].as_str(), jwk["alg"].as_str(), jwk["use"].as_str()), (Some(kid), Some(alg), Some("sig")));
+        let ed = public_jwk("ed-1", SigningAlg::EdDSA, ring.material(SigningAlg::EdDSA))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ed["kty"].as_str(), ed["crv"].as_str()),
+            (Some("OKP"), Some("Ed25519"))
+        );
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(ed["x"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
+        for (jwk, kid, alg) in [
+            (&rsa, "rs-1", "RS256"),
+            (&ec, "es-1", "ES256"),
+            (&ed, "ed-1", "EdDSA"),
+        ] {
+            assert_eq!(
+                (
+                    jwk["kid"].as_str(),
+                    jwk["alg"].as_str(),
+                    jwk["use"].as_str()
+                ),
+                (Some(kid), Some(alg), Some("sig"))
+            );
             for private in ["d", "p", "q", "dp", "dq", "qi", "k"] {
                 assert!(jwk.get(private).is_none(), "{alg} JWK leaks {private}");
             }
         }
-        assert_eq!(public_jwk("hs-1", SigningAlg::HS256, ring.material(SigningAlg::HS256)).unwrap(), None);
+        assert_eq!(
+            public_jwk("hs-1", SigningAlg::HS256, ring.material(SigningAlg::HS256)).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn jwks_lists_usable_asymmetric_keys_only() {
         let ring = ours();
         let doc = jwks([
-            ("hs-1", SigningAlg::HS256, KeyUse::Active, ring.material(SigningAlg::HS256)),
-            ("rs-1", SigningAlg::RS256, KeyUse::Active, ring.material(SigningAlg::RS256)),
-            ("es-1", SigningAlg::ES256, KeyUse::Retiring, ring.material(SigningAlg::ES256)),
-            ("ed-1", SigningAlg::EdDSA, KeyUse::Unusable("revoked"), ring.material(SigningAlg::EdDSA)),
+            (
+                "hs-1",
+                SigningAlg::HS256,
+                KeyUse::Active,
+                ring.material(SigningAlg::HS256),
+            ),
+            (
+                "rs-1",
+                SigningAlg::RS256,
+                KeyUse::Active,
+                ring.material(SigningAlg::RS256),
+            ),
+            (
+                "es-1",
+                SigningAlg::ES256,
+                KeyUse::Retiring,
+                ring.material(SigningAlg::ES256),
+            ),
+            (
+                "ed-1",
+                SigningAlg::EdDSA,
+                KeyUse::Unusable("revoked"),
+                ring.material(SigningAlg::EdDSA),
+            ),
         ])
         .unwrap();
-        let kids: Vec<&str> =
-            doc["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+        let kids: Vec<&str> = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap())
+            .collect();
         assert_eq!(kids, ["rs-1", "es-1"]);
     }
 
@@ -1453,7 +1829,10 @@ mod tests {
             VerifyError::TooLarge { size: 2, max: 1 },
             VerifyError::UnknownKid,
             VerifyError::KeyNotUsable("revoked"),
-            VerifyError::AlgorithmMismatch { expected: SigningAlg::RS256, found: SigningAlg::HS256 },
+            VerifyError::AlgorithmMismatch {
+                expected: SigningAlg::RS256,
+                found: SigningAlg::HS256,
+            },
             VerifyError::UnsupportedAlgorithm("none".into()),
             VerifyError::BadSignature,
             VerifyError::Expired,
@@ -1465,7 +1844,11 @@ mod tests {
         ];
         let codes: std::collections::HashSet<&str> = all.iter().map(VerifyError::code).collect();
         assert_eq!(codes.len(), all.len());
-        assert!(codes.iter().all(|c| c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+        assert!(
+            codes
+                .iter()
+                .all(|c| c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        );
     }
 
     #[test]
@@ -1478,15 +1861,36 @@ mod tests {
     }
 
     #[test]
+    fn headers_written_by_our_signer_take_the_precomputed_path() {
+        for alg in SigningAlg::ALL {
+            let token = ours().signer(alg).sign(&claims()).unwrap();
+            let header_b64 = token.split('.').next().unwrap();
+            assert_eq!(
+                set().own_headers.get(header_b64),
+                Some(&(kid_of(alg).to_owned(), alg))
+            );
+        }
+    }
+
+    #[test]
     fn token_signed_by_pyjwt_verifies() {
         // A fixed vector from PyJWT 2.15: jwt.encode({"sub": "py", "exp": 1750000600},
         // bytes(range(32)), algorithm="HS256", headers={"kid": "py-hs"}).
         const TOKEN: &str = "eyJhbGciOiJIUzI1NiIsImtpZCI6InB5LWhzIiwidHlwIjoiSldUIn0.\
             eyJzdWIiOiJweSIsImV4cCI6MTc1MDAwMDYwMH0.O7SRBQy3TS6PTi83231XyT76PxPz8ozNay2i1sOEPGs";
         let secret: Vec<u8> = (0u8..32).collect();
-        let set = VerifierSet::new([("py-hs".to_owned(), SigningAlg::HS256, KeyUse::Active, &secret[..])]).unwrap();
+        let set = VerifierSet::new([(
+            "py-hs".to_owned(),
+            SigningAlg::HS256,
+            KeyUse::Active,
+            &secret[..],
+        )])
+        .unwrap();
         let verified = set.verify(TOKEN, &opts()).unwrap();
-        assert_eq!(verified.claims, json!({ "sub": "py", "exp": 1_750_000_600 }));
+        assert_eq!(
+            verified.claims,
+            json!({ "sub": "py", "exp": 1_750_000_600 })
+        );
         let later = VerifyOptions::new(1_750_000_600 + 60);
         assert_eq!(set.verify(TOKEN, &later).err(), Some(VerifyError::Expired));
     }

@@ -72,13 +72,17 @@ pub fn encrypt(kid: &str, key: &[u8], claims: &Value) -> Result<String, JweError
     if !claims.is_object() {
         return Err(JweError::ClaimsNotObject);
     }
-    let header = ProtectedHeader { alg: "dir", enc: "A256GCM", kid, typ: "JWT" };
+    let header = ProtectedHeader {
+        alg: "dir",
+        enc: "A256GCM",
+        kid,
+        typ: "JWT",
+    };
     let header_json = serde_json::to_vec(&header).map_err(|_| JweError::Encryption)?;
     let header_b64 = URL_SAFE_NO_PAD.encode(header_json);
 
     // The plaintext claims are what the token hides, so they are wiped once sealed.
-    let mut buffer =
-        Zeroizing::new(serde_json::to_vec(claims).map_err(|_| JweError::Encryption)?);
+    let mut buffer = Zeroizing::new(serde_json::to_vec(claims).map_err(|_| JweError::Encryption)?);
     let sealing_key =
         RandomizedNonceKey::new(&AES_256_GCM, key).map_err(|_| JweError::InvalidKeyLength)?;
     let (nonce, tag) = sealing_key
@@ -109,18 +113,31 @@ pub fn decrypt<'k>(
     max_size: usize,
 ) -> Result<(String, Value), VerifyError> {
     if token.len() > max_size {
-        return Err(VerifyError::TooLarge { size: token.len(), max: max_size });
+        return Err(VerifyError::TooLarge {
+            size: token.len(),
+            max: max_size,
+        });
     }
     let mut parts = token.split('.');
-    let (Some(header_b64), Some(encrypted_key), Some(iv_b64), Some(ciphertext_b64), Some(tag_b64), None) = (
+    let (
+        Some(header_b64),
+        Some(encrypted_key),
+        Some(iv_b64),
+        Some(ciphertext_b64),
+        Some(tag_b64),
+        None,
+    ) = (
         parts.next(),
         parts.next(),
         parts.next(),
         parts.next(),
         parts.next(),
         parts.next(),
-    ) else {
-        return Err(VerifyError::Malformed("a JWE has exactly five dot-separated parts".into()));
+    )
+    else {
+        return Err(VerifyError::Malformed(
+            "a JWE has exactly five dot-separated parts".into(),
+        ));
     };
 
     let header_json = decode_b64(header_b64, "protected header")?;
@@ -134,17 +151,23 @@ pub fn decrypt<'k>(
         )));
     }
     if header.zip {
-        return Err(VerifyError::Malformed("compressed JWE is not accepted".into()));
+        return Err(VerifyError::Malformed(
+            "compressed JWE is not accepted".into(),
+        ));
     }
     if !encrypted_key.is_empty() {
-        return Err(VerifyError::Malformed("dir JWE has a non-empty encrypted key".into()));
+        return Err(VerifyError::Malformed(
+            "dir JWE has a non-empty encrypted key".into(),
+        ));
     }
     let iv = decode_b64(iv_b64, "IV")?;
     let nonce = Nonce::try_assume_unique_for_key(&iv)
         .map_err(|_| VerifyError::Malformed(format!("IV is not {NONCE_LEN} bytes")))?;
     let tag = decode_b64(tag_b64, "tag")?;
     if tag.len() != TAG_LEN {
-        return Err(VerifyError::Malformed(format!("tag is not {TAG_LEN} bytes")));
+        return Err(VerifyError::Malformed(format!(
+            "tag is not {TAG_LEN} bytes"
+        )));
     }
 
     let (state, key) = lookup(&header.kid).ok_or(VerifyError::UnknownKid)?;
@@ -213,7 +236,9 @@ mod tests {
     }
 
     fn part(token: &str, index: usize) -> Vec<u8> {
-        URL_SAFE_NO_PAD.decode(token.split('.').nth(index).unwrap()).unwrap()
+        URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(index).unwrap())
+            .unwrap()
     }
 
     fn replace_part(token: &str, index: usize, value: &str) -> String {
@@ -233,7 +258,10 @@ mod tests {
         let token = encrypt("enc-1", &KEY, &claims()).unwrap();
         assert_eq!(open(&token).unwrap(), ("enc-1".to_owned(), claims()));
         let opts = VerifyOptions::new(NOW);
-        assert_eq!(decrypt_and_check(&token, keyring, &opts).unwrap().1, claims());
+        assert_eq!(
+            decrypt_and_check(&token, keyring, &opts).unwrap().1,
+            claims()
+        );
     }
 
     #[test]
@@ -249,10 +277,16 @@ mod tests {
         assert_eq!(parts.len(), 5);
         assert_eq!(parts[1], "", "dir has an empty encrypted key");
         let header: Value = serde_json::from_slice(&part(&token, 0)).unwrap();
-        assert_eq!(header, json!({ "alg": "dir", "enc": "A256GCM", "kid": "enc-1", "typ": "JWT" }));
+        assert_eq!(
+            header,
+            json!({ "alg": "dir", "enc": "A256GCM", "kid": "enc-1", "typ": "JWT" })
+        );
         assert_eq!(part(&token, 2).len(), 12);
         assert_eq!(part(&token, 4).len(), 16);
-        assert_eq!(part(&token, 3).len(), serde_json::to_vec(&claims()).unwrap().len());
+        assert_eq!(
+            part(&token, 3).len(),
+            serde_json::to_vec(&claims()).unwrap().len()
+        );
         assert!(!token.contains("user-7"));
     }
 
@@ -270,14 +304,21 @@ mod tests {
         // no longer verifies even though the parsed header is identical.
         let token = encrypt("enc-1", &KEY, &claims()).unwrap();
         let respaced = br#"{"alg": "dir","enc":"A256GCM","kid":"enc-1","typ":"JWT"}"#;
-        assert_eq!(open(&replace_part(&token, 0, &b64(respaced))), Err(VerifyError::BadSignature));
+        assert_eq!(
+            open(&replace_part(&token, 0, &b64(respaced))),
+            Err(VerifyError::BadSignature)
+        );
     }
 
     #[test]
     fn tampering_anywhere_fails_authentication() {
         let token = encrypt("enc-1", &KEY, &claims()).unwrap();
         for index in [2, 3, 4] {
-            assert_eq!(open(&flip(&token, index)), Err(VerifyError::BadSignature), "part {index}");
+            assert_eq!(
+                open(&flip(&token, index)),
+                Err(VerifyError::BadSignature),
+                "part {index}"
+            );
         }
     }
 
@@ -293,15 +334,34 @@ mod tests {
         let header = |json: &str| replace_part(&good, 0, &b64(json.as_bytes()));
         let too_large = format!("{good}{}", "A".repeat(DEFAULT_MAX_TOKEN_SIZE));
         let cases: Vec<(&str, String, VerifyError)> = vec![
-            ("four parts", good.rsplit_once('.').unwrap().0.to_owned(), VerifyError::Malformed(String::new())),
-            ("six parts", format!("{good}.AAAA"), VerifyError::Malformed(String::new())),
-            ("a JWS", "a.b.c".into(), VerifyError::Malformed(String::new())),
+            (
+                "four parts",
+                good.rsplit_once('.').unwrap().0.to_owned(),
+                VerifyError::Malformed(String::new()),
+            ),
+            (
+                "six parts",
+                format!("{good}.AAAA"),
+                VerifyError::Malformed(String::new()),
+            ),
+            (
+                "a JWS",
+                "a.b.c".into(),
+                VerifyError::Malformed(String::new()),
+            ),
             (
                 "too large",
                 too_large.clone(),
-                VerifyError::TooLarge { size: too_large.len(), max: DEFAULT_MAX_TOKEN_SIZE },
+                VerifyError::TooLarge {
+                    size: too_large.len(),
+                    max: DEFAULT_MAX_TOKEN_SIZE,
+                },
             ),
-            ("non-JSON header", header("nope"), VerifyError::Malformed(String::new())),
+            (
+                "non-JSON header",
+                header("nope"),
+                VerifyError::Malformed(String::new()),
+            ),
             (
                 "key wrapping alg",
                 header(r#"{"alg":"A256KW","enc":"A256GCM","kid":"enc-1"}"#),
@@ -337,10 +397,26 @@ mod tests {
                 header(r#"{"alg":"dir","enc":"A256GCM"}"#),
                 VerifyError::Malformed(String::new()),
             ),
-            ("encrypted key present", replace_part(&good, 1, "AAAA"), VerifyError::Malformed(String::new())),
-            ("short IV", replace_part(&good, 2, &b64(&[0; 8])), VerifyError::Malformed(String::new())),
-            ("short tag", replace_part(&good, 4, &b64(&[0; 12])), VerifyError::Malformed(String::new())),
-            ("bad base64 ciphertext", replace_part(&good, 3, "!!!!"), VerifyError::Malformed(String::new())),
+            (
+                "encrypted key present",
+                replace_part(&good, 1, "AAAA"),
+                VerifyError::Malformed(String::new()),
+            ),
+            (
+                "short IV",
+                replace_part(&good, 2, &b64(&[0; 8])),
+                VerifyError::Malformed(String::new()),
+            ),
+            (
+                "short tag",
+                replace_part(&good, 4, &b64(&[0; 12])),
+                VerifyError::Malformed(String::new()),
+            ),
+            (
+                "bad base64 ciphertext",
+                replace_part(&good, 3, "!!!!"),
+                VerifyError::Malformed(String::new()),
+            ),
             (
                 "unknown kid",
                 encrypt("enc-ghost", &KEY, &claims()).unwrap(),
@@ -370,16 +446,28 @@ mod tests {
     fn decrypted_claims_get_the_jws_claim_checks() {
         let expired = encrypt("enc-1", &KEY, &json!({ "exp": NOW - 61 })).unwrap();
         let opts = VerifyOptions::new(NOW);
-        assert_eq!(decrypt_and_check(&expired, keyring, &opts), Err(VerifyError::Expired));
+        assert_eq!(
+            decrypt_and_check(&expired, keyring, &opts),
+            Err(VerifyError::Expired)
+        );
         let no_exp = encrypt("enc-1", &KEY, &json!({ "sub": "x" })).unwrap();
-        assert_eq!(decrypt_and_check(&no_exp, keyring, &opts), Err(VerifyError::MissingClaim("exp")));
+        assert_eq!(
+            decrypt_and_check(&no_exp, keyring, &opts),
+            Err(VerifyError::MissingClaim("exp"))
+        );
     }
 
     #[test]
     fn encrypt_rejects_bad_inputs() {
-        assert_eq!(encrypt("enc-1", &KEY[..31], &claims()), Err(JweError::InvalidKeyLength));
+        assert_eq!(
+            encrypt("enc-1", &KEY[..31], &claims()),
+            Err(JweError::InvalidKeyLength)
+        );
         assert_eq!(encrypt("", &KEY, &claims()), Err(JweError::InvalidKid));
-        assert_eq!(encrypt("enc-1", &KEY, &json!([1])), Err(JweError::ClaimsNotObject));
+        assert_eq!(
+            encrypt("enc-1", &KEY, &json!([1])),
+            Err(JweError::ClaimsNotObject)
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! types that zeroize on drop and never print their bytes.
 
 pub mod fernet;
+pub mod jose;
+pub mod jwe;
 pub mod rootkey;
 
 use std::fmt;
@@ -61,9 +63,7 @@ pub fn generate_material(purpose: Purpose, algorithm: Algorithm) -> anyhow::Resu
     );
     let bytes = match algorithm {
         Algorithm::HS256 | Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA => {
-            let mut raw = Zeroizing::new(vec![0u8; 32]);
-            random_bytes(&mut raw);
-            raw
+            jose::generate_signing_material(signing_alg(algorithm)?)
         }
         Algorithm::Fernet => {
             let key = fernet::FernetKey::generate();
@@ -76,6 +76,17 @@ pub fn generate_material(purpose: Purpose, algorithm: Algorithm) -> anyhow::Resu
         }
     };
     Ok(KeyMaterial::new(bytes))
+}
+
+/// Maps a keyring algorithm to the JOSE signing algorithm.
+pub fn signing_alg(algorithm: Algorithm) -> anyhow::Result<jose::SigningAlg> {
+    Ok(match algorithm {
+        Algorithm::HS256 => jose::SigningAlg::HS256,
+        Algorithm::RS256 => jose::SigningAlg::RS256,
+        Algorithm::ES256 => jose::SigningAlg::ES256,
+        Algorithm::EdDSA => jose::SigningAlg::EdDSA,
+        other => anyhow::bail!("{other} is not a signing algorithm"),
+    })
 }
 
 /// HMAC-SHA256 of `parts`, each length-prefixed so that no two different

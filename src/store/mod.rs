@@ -10,6 +10,7 @@
 
 pub mod keys;
 pub mod secrets;
+pub mod tokens;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -38,16 +39,30 @@ pub struct Store {
 /// queue instead of failing half-way).
 pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keyring",
-    include_str!("../../migrations/sqlite/0001_keyring.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keyring",
-    include_str!("../../migrations/postgres/0001_keyring.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keyring",
+        include_str!("../../migrations/sqlite/0001_keyring.sql"),
+    ),
+    (
+        5,
+        "tokens",
+        include_str!("../../migrations/sqlite/0005_tokens.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keyring",
+        include_str!("../../migrations/postgres/0001_keyring.sql"),
+    ),
+    (
+        5,
+        "tokens",
+        include_str!("../../migrations/postgres/0005_tokens.sql"),
+    ),
+];
 
 /// Hides a database URL's password for messages.
 pub fn redact_url(url: &str) -> String {
