@@ -5,7 +5,9 @@
 mod config_cmd;
 mod crypt;
 mod init;
+pub mod job;
 mod keys;
+mod run;
 mod secrets;
 mod status;
 
@@ -74,6 +76,11 @@ pub enum Command {
     Init,
     /// The keyring at a glance: active keys, due dates, store, root key.
     Status,
+    /// The worker: runs every enabled job on its cron schedule until SIGTERM.
+    Run(run::RunArgs),
+    /// List, run and review jobs.
+    #[command(subcommand)]
+    Job(job::JobCmd),
     /// List, show and rotate keys.
     #[command(subcommand)]
     Keys(keys::KeysCmd),
@@ -161,6 +168,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init => init::run(&ctx).await,
         Command::Status => status::run(&ctx).await,
+        Command::Run(args) => run::run(&ctx, args).await,
+        Command::Job(cmd) => job::run(&ctx, cmd).await,
         Command::Keys(cmd) => keys::run(&ctx, cmd).await,
         Command::Keyring(cmd) => keys::run_keyring(&ctx, cmd).await,
         Command::Jwks => keys::jwks(&ctx).await,
