@@ -8,6 +8,7 @@
 //! the store until the back-off ends, doubling up to a minute, so the
 //! worker neither exits nor spins and picks up again when the store returns.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,6 +69,20 @@ struct Shared {
     stopping: AtomicBool,
     in_flight: Arc<Semaphore>,
     backoff: Mutex<Backoff>,
+    /// Jobs with a tick in progress in this process.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Marks a job busy in this process until dropped.
+struct BusyGuard<'a> {
+    busy: &'a Mutex<HashSet<String>>,
+    job: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.busy.lock().expect("busy lock").remove(&self.job);
+    }
 }
 
 impl Shared {
@@ -89,6 +104,27 @@ impl Shared {
     }
 
     async fn run_tick(&self, def: &JobDef, tick: DateTime<Utc>, now: DateTime<Utc>) {
+        // A tick that fires while this process still runs the job's previous
+        // tick is let go here (the lease would refuse it anyway; another
+        // worker records it as skipped). This also bounds the attempts that
+        // wait on an unreachable store to one per job.
+        if !self
+            .busy
+            .lock()
+            .expect("busy lock")
+            .insert(def.name.clone())
+        {
+            tracing::debug!(
+                job.name = def.name.as_str(),
+                "letting a tick of {} go: its previous tick is still running here",
+                def.name
+            );
+            return;
+        }
+        let _busy = BusyGuard {
+            busy: &self.busy,
+            job: def.name.clone(),
+        };
         if !self
             .backoff
             .lock()
@@ -133,6 +169,7 @@ pub async fn run(runner: Runner, defs: Vec<JobDef>) -> anyhow::Result<()> {
         stopping: AtomicBool::new(false),
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
         backoff: Mutex::new(Backoff::default()),
+        busy: Mutex::new(HashSet::new()),
     });
     // Listen for signals before anything else, so an early SIGTERM is not lost.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

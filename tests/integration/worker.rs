@@ -578,3 +578,129 @@ fn three_workers_run_each_tick_once_and_survive_one_killed_mid_job() {
     );
     assert_eq!(active, [1]);
 }
+
+/// A TCP proxy to PostgreSQL that the test can cut: down, it drops every
+/// open connection and every new one, as a database that went away.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: String) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = Proxy {
+            addr: listener.local_addr().unwrap(),
+            up: Default::default(),
+            open: Default::default(),
+        };
+        proxy.up.store(true, Ordering::SeqCst);
+        let (up, open) = (proxy.up.clone(), proxy.open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                {
+                    let mut open = open.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        proxy
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for s in self.open.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[test]
+fn run_backs_off_while_the_database_is_gone_and_carries_on_when_it_returns() {
+    let Some(mut env) = Env::new(Backend::Postgres) else {
+        return;
+    };
+    env.init();
+    let direct = env.database_url.clone().unwrap();
+    // postgres://user@HOST:PORT/db -> the proxy in place of HOST:PORT.
+    let (scheme_user, rest) = direct.split_once('@').unwrap();
+    let (target, db) = rest.split_once('/').unwrap();
+    let proxy = Proxy::start(target.to_string());
+    let proxied = format!("{scheme_user}@{}/{db}", proxy.addr);
+
+    let jobs = env.path().join("jobs");
+    std::fs::create_dir(&jobs).unwrap();
+    std::fs::write(
+        jobs.join("rot.toml"),
+        "name = \"rot\"\nkind = \"rotate\"\nschedule = \"* * * * * *\"\n[options]\npurposes = [\"data\"]\n",
+    )
+    .unwrap();
+    env.set_env("KEYWARDEN_POLICY__DATA__ROTATE_AFTER", "2s");
+    env.set_env("KEYWARDEN_WORKER__LEASE_TTL", "2s");
+    env.set_env("KEYWARDEN_LOG", "warn,keywarden=info");
+    let log_path = env.path().join("worker.log");
+    let mut cmd = env.cmd(&["run"]);
+    cmd.env("KEYWARDEN_DATABASE_URL", &proxied)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let ok_runs_since = |t: i64| -> i64 {
+        query(
+            &env,
+            &format!("SELECT COUNT(*) FROM job_runs WHERE status = 'ok' AND started_at >= {t}"),
+            |r| r.get(0),
+        )[0]
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(ok_runs_since(0) > 0, "no run before the outage");
+
+    proxy.set_up(false);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "run exited while the database was gone"
+    );
+    let back = Utc::now().timestamp();
+    proxy.set_up(true);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ok_runs_since(back) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no run after the database came back:\n{}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let retries = log.matches("trying the store again").count();
+    assert!(retries >= 1, "the outage was not logged:\n{log}");
+    assert!(
+        retries <= 6,
+        "the worker did not back off ({retries} attempts):\n{log}"
+    );
+    assert!(log.contains("the store answers again"), "{log}");
+}
