@@ -468,3 +468,133 @@ impl Store {
         .transpose()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kw.db").display());
+        let store = Store::connect(&url, true).await.unwrap();
+        (dir, store)
+    }
+
+    fn run<'a>(origin: Origin, worker: &'a str, tick: i64) -> NewRun<'a> {
+        let t = Utc.timestamp_opt(tick, 0).unwrap();
+        NewRun {
+            job: "rot",
+            origin,
+            scheduled_at: t,
+            worker_id: worker,
+            started_at: t,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tick_is_claimed_once_and_a_held_lease_skips_the_next() {
+        let (_dir, s) = store().await;
+        let ttl = std::time::Duration::from_secs(30);
+        let Claim::Claimed { run_id, lease, .. } = s
+            .claim_run(&run(Origin::Schedule, "a", 100), ttl)
+            .await
+            .unwrap()
+        else {
+            panic!("first claim")
+        };
+        assert_eq!(
+            s.claim_run(&run(Origin::Schedule, "b", 100), ttl)
+                .await
+                .unwrap(),
+            Claim::AlreadyClaimed
+        );
+        // The next tick comes while run 1 still holds the lease: recorded skipped.
+        let next = s
+            .claim_run(&run(Origin::Schedule, "b", 101), ttl)
+            .await
+            .unwrap();
+        assert!(matches!(next, Claim::Busy { ref holder, run_id: Some(_), .. } if holder == "a"));
+        // A manual run waits (records nothing) while the lease is held.
+        let manual = s
+            .claim_run(&run(Origin::Manual, "c", 101), ttl)
+            .await
+            .unwrap();
+        assert!(matches!(manual, Claim::Busy { run_id: None, .. }));
+        assert!(
+            s.finish_run(
+                run_id,
+                &lease,
+                RunStatus::Ok,
+                None,
+                &serde_json::json!([]),
+                Utc::now(),
+                1
+            )
+            .await
+            .unwrap()
+        );
+        s.release_lease(&lease).await.unwrap();
+        let runs = s.job_runs(Some("rot"), 10).await.unwrap();
+        let statuses: Vec<RunStatus> = runs.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [RunStatus::Skipped, RunStatus::Ok]);
+        // Released: the manual run gets the lease with a larger token.
+        let Claim::Claimed { lease: l2, .. } = s
+            .claim_run(&run(Origin::Manual, "c", 102), ttl)
+            .await
+            .unwrap()
+        else {
+            panic!("manual claim after release")
+        };
+        assert!(l2.token > lease.token);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_out() {
+        let (_dir, s) = store().await;
+        let short = std::time::Duration::from_millis(200);
+        let Claim::Claimed {
+            run_id: dead_run,
+            lease: dead,
+            ..
+        } = s
+            .claim_run(&run(Origin::Schedule, "dead", 100), short)
+            .await
+            .unwrap()
+        else {
+            panic!("first claim")
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let Claim::Claimed { lease, reaped, .. } = s
+            .claim_run(&run(Origin::Schedule, "live", 101), short)
+            .await
+            .unwrap()
+        else {
+            panic!("the expired lease was not taken over")
+        };
+        assert_eq!(reaped, 1);
+        assert!(lease.token > dead.token);
+        // The old holder can neither renew nor record a result.
+        assert!(!s.renew_lease(&dead, short).await.unwrap());
+        assert!(
+            !s.finish_run(
+                dead_run,
+                &dead,
+                RunStatus::Ok,
+                None,
+                &serde_json::json!([]),
+                Utc::now(),
+                1
+            )
+            .await
+            .unwrap()
+        );
+        assert!(s.renew_lease(&lease, short).await.unwrap());
+        let runs = s.job_runs(Some("rot"), 10).await.unwrap();
+        let dead_row = runs.iter().find(|r| r.id == dead_run).unwrap();
+        assert_eq!(dead_row.status, RunStatus::Failed);
+        assert_eq!(dead_row.error.as_deref(), Some(ABANDONED));
+        let row = s.lease("job:rot").await.unwrap().unwrap();
+        assert_eq!((row.holder.as_str(), row.token), ("live", lease.token));
+    }
+}

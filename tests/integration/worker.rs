@@ -704,3 +704,52 @@ fn run_backs_off_while_the_database_is_gone_and_carries_on_when_it_returns() {
     );
     assert!(log.contains("the store answers again"), "{log}");
 }
+
+both_backends!(
+    two_manual_runs_of_one_job_at_once_do_not_overlap_or_rotate_twice,
+    |env| {
+        env.init();
+        let key = active_key(&env, "data");
+        let at = time_of(&key["activated_at"]) + TimeDelta::days(30);
+        let spawn = || {
+            env.cmd(&["job", "run", "rotate-data-keys", "--json"])
+                .env("KEYWARDEN_NOW", at.to_rfc3339())
+                .env("KEYWARDEN_TEST_JOB_DELAY_MS", "400")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn(), spawn());
+        let mut done = Vec::new();
+        for child in [a, b] {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            done.push(actions(&report).join(","));
+        }
+        done.sort();
+        assert_eq!(
+            done,
+            ["not_due", "rotate"],
+            "the second waited for the first"
+        );
+        let runs: Vec<(i64, i64)> = query(
+            &env,
+            "SELECT lease_token, duration_ms FROM job_runs ORDER BY id",
+            |r| (r.get(0), r.get(1)),
+        );
+        assert_eq!(runs.len(), 2);
+        assert_ne!(runs[0].0, runs[1].0, "each run held its own lease");
+        let keys = env
+            .run(&["keys", "list", "--purpose", "data", "--json"])
+            .ok()
+            .json();
+        assert_eq!(keys.as_array().unwrap().len(), 2);
+    }
+);
