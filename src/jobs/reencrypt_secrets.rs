@@ -15,7 +15,9 @@ use crate::app::App;
 /// `reencrypt.batch_size`). Report per target `{"action": "reencrypt",
 /// "target", "rows_scanned", "rows_reencrypted", "rows_failed"}` (in a dry
 /// run `would_reencrypt` with the rows that would move) and fail the outcome
-/// if any row failed.
+/// if any row failed. Between batches, stop when
+/// `crate::scheduler::worker::shutdown_requested()` says the worker is
+/// shutting down (the next tick resumes).
 pub async fn run(
     _app: &App,
     target: Option<&str>,

@@ -25,6 +25,15 @@ use super::runner::{RunReport, Runner};
 /// (their leases then expire and the next holder marks them failed).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// Set when `run` got SIGTERM/SIGINT: a long job (re-encryption) checks
+/// [`shutdown_requested`] between batches and stops after the current one.
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// Whether the worker was asked to stop; long jobs stop at a batch boundary.
+pub fn shutdown_requested() -> bool {
+    SHUTDOWN.load(Ordering::SeqCst)
+}
+
 /// Permits of the in-flight semaphore: shutdown takes all of them.
 const MAX_IN_FLIGHT: u32 = 1 << 16;
 
@@ -241,6 +250,7 @@ pub async fn run(runner: Runner, defs: Vec<JobDef>) -> anyhow::Result<()> {
     };
     tracing::info!("{signal}: no new ticks; waiting for runs in progress");
     shared.stopping.store(true, Ordering::SeqCst);
+    SHUTDOWN.store(true, Ordering::SeqCst);
     scheduler
         .shutdown()
         .await

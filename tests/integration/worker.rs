@@ -571,6 +571,17 @@ fn three_workers_run_each_tick_once_and_survive_one_killed_mid_job() {
         rotation_ticks.len() as i64 >= (span - 8) / 3,
         "too few rotations: {rotation_ticks:?} over {span} ticks"
     );
+    let count = |status: &str| runs.iter().filter(|r| r.1 == status).count();
+    eprintln!(
+        "{span} ticks, {} rows ({} ok, {} skipped, {} failed), {gaps} gaps, {} rotations, \
+         {} data key versions, killed {victim} in run {killed_run}",
+        runs.len(),
+        count("ok"),
+        count("skipped"),
+        count("failed"),
+        rotation_ticks.len(),
+        versions.len()
+    );
     let active: Vec<i64> = query(
         &env,
         "SELECT COUNT(*) FROM keys WHERE purpose = 'data' AND state = 'active'",
