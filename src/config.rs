@@ -546,12 +546,24 @@ impl JobsConfig {
 }
 
 /// `[worker]`: this worker instance.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Instance id used for leases and Redis acknowledgements; empty means
     /// `<hostname>-<pid>`.
     pub id: String,
+    /// How long a job's lease lasts without renewal: a worker that dies
+    /// mid-job blocks that job's next runs at most this long.
+    pub lease_ttl: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: String::new(),
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
 }
 
 impl WorkerConfig {
@@ -1202,7 +1214,10 @@ const SCHEMA: &[Field] = &[
         ]),
     ),
     key("jobs", Kind::Section(&[key("dir", Kind::Text)])),
-    key("worker", Kind::Section(&[key("id", Kind::Text)])),
+    key(
+        "worker",
+        Kind::Section(&[key("id", Kind::Text), key("lease_ttl", INTERVAL)]),
+    ),
 ];
 
 fn join(prefix: &str, name: &str) -> String {
@@ -1677,6 +1692,7 @@ dir = ""                        # job definitions; empty: KEYWARDEN_JOBS_DIR or 
 
 [worker]
 id = ""                         # instance id for leases and acks; empty: <hostname>-<pid>
+lease_ttl = "30s"               # a job's lease lasts this long unrenewed (a dead worker blocks its job at most this long)
 "##;
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //! - `config`, `duration`: config file + environment into validated types.
 //! - `store`: sqlx repositories over SQLite and PostgreSQL.
 //! - `app`: the service that ties config, store and root keys together.
+//! - `scheduler`: job definitions, the one-run-per-tick claim, the worker loop.
+//! - `jobs`: what each job kind does (one module per kind).
 //! - `cli`: the command line (one file per command group).
 
 pub mod app;
@@ -15,6 +17,7 @@ pub mod config;
 pub mod crypto;
 pub mod duration;
 pub mod error;
+pub mod jobs;
 pub mod keyring;
 pub mod scheduler;
 pub mod store;

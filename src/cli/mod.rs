@@ -6,7 +6,9 @@ mod apikey;
 mod config_cmd;
 mod crypt;
 mod init;
+pub mod job;
 mod keys;
+mod run;
 mod secrets;
 mod status;
 mod token;
@@ -76,6 +78,11 @@ pub enum Command {
     Init,
     /// The keyring at a glance: active keys, due dates, store, root key.
     Status,
+    /// The worker: runs every enabled job on its cron schedule until SIGTERM.
+    Run(run::RunArgs),
+    /// List, run and review jobs.
+    #[command(subcommand)]
+    Job(job::JobCmd),
     /// List, show and rotate keys.
     #[command(subcommand)]
     Keys(keys::KeysCmd),
@@ -169,6 +176,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init => init::run(&ctx).await,
         Command::Status => status::run(&ctx).await,
+        Command::Run(args) => run::run(&ctx, args).await,
+        Command::Job(cmd) => job::run(&ctx, cmd).await,
         Command::Keys(cmd) => keys::run(&ctx, cmd).await,
         Command::Keyring(cmd) => keys::run_keyring(&ctx, cmd).await,
         Command::Jwks => keys::jwks(&ctx).await,

@@ -45,6 +45,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             }
         })
         .collect();
+    let jobs = jobs_status(&app, now).await?;
     let epoch = app.store.epoch().await?;
     let redis = if app.config.redis.url.is_empty() {
         "not configured: events wait in the outbox".to_string()
@@ -59,6 +60,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "epoch": epoch,
             "redis": redis,
             "keyring": purposes,
+            "jobs": jobs,
         }))?;
         return Ok(());
     }
@@ -94,5 +96,44 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             s.retiring
         );
     }
+    println!();
+    match jobs.as_array() {
+        Some(jobs) => {
+            println!("{:<22} {:<21} LAST", "JOB", "NEXT RUN");
+            for j in jobs {
+                let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
+                println!(
+                    "{:<22} {:<21} {}",
+                    s("name"),
+                    s("next_run"),
+                    s("last_status")
+                );
+            }
+        }
+        None => println!("jobs:     {}", jobs["error"].as_str().unwrap_or("-")),
+    }
     Ok(())
+}
+
+/// The jobs' next and last runs; a broken job file is shown, not fatal here.
+async fn jobs_status(
+    app: &crate::app::App,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<serde_json::Value> {
+    let jobs = match crate::scheduler::load_jobs(&app.config) {
+        Ok(jobs) => jobs,
+        Err(e) => return Ok(serde_json::json!({ "error": format!("{e:#}") })),
+    };
+    let mut out = Vec::new();
+    for def in &jobs.defs {
+        let last = app.store.last_run(&def.name).await?;
+        let next = def.enabled.then(|| def.schedule.next_after(now)).flatten();
+        out.push(serde_json::json!({
+            "name": def.name,
+            "enabled": def.enabled,
+            "next_run": show_time(next),
+            "last_status": last.map(|r| r.status),
+        }));
+    }
+    Ok(serde_json::Value::Array(out))
 }

@@ -8,6 +8,7 @@
 //! Nothing here holds key material unwrapped: the `keys` table stores only
 //! Fernet tokens made with the root key.
 
+pub mod job_runs;
 pub mod keys;
 pub mod secrets;
 pub mod tokens;
@@ -46,6 +47,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0001_keyring.sql"),
     ),
     (
+        3,
+        "worker",
+        include_str!("../../migrations/sqlite/0003_worker.sql"),
+    ),
+    (
         5,
         "tokens",
         include_str!("../../migrations/sqlite/0005_tokens.sql"),
@@ -56,6 +62,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         1,
         "keyring",
         include_str!("../../migrations/postgres/0001_keyring.sql"),
+    ),
+    (
+        3,
+        "worker",
+        include_str!("../../migrations/postgres/0003_worker.sql"),
     ),
     (
         5,

@@ -5,3 +5,4 @@ mod support;
 
 mod keyring;
 mod tokens;
+mod worker;
