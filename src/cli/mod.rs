@@ -2,6 +2,7 @@
 //! file per command group. `main` parses, calls `run`, and turns the error
 //! into a message and an exit status once.
 
+mod audit;
 mod config_cmd;
 mod crypt;
 mod init;
@@ -92,6 +93,9 @@ pub enum Command {
     /// Show the effective config or print an annotated default.
     #[command(subcommand)]
     Config(config_cmd::ConfigCmd),
+    /// The audit log: verify its hash chain, read it, checkpoint it.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
 }
 
 /// What every command gets: the parsed global flags.
@@ -168,6 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decrypt => crypt::decrypt(&ctx).await,
         Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
+        Command::Audit(cmd) => audit::run(&ctx, cmd).await,
     }
 }
 

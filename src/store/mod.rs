@@ -8,6 +8,7 @@
 //! Nothing here holds key material unwrapped: the `keys` table stores only
 //! Fernet tokens made with the root key.
 
+pub mod audit;
 pub mod keys;
 pub mod secrets;
 
@@ -38,16 +39,30 @@ pub struct Store {
 /// queue instead of failing half-way).
 pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keyring",
-    include_str!("../../migrations/sqlite/0001_keyring.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keyring",
-    include_str!("../../migrations/postgres/0001_keyring.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keyring",
+        include_str!("../../migrations/sqlite/0001_keyring.sql"),
+    ),
+    (
+        2,
+        "audit",
+        include_str!("../../migrations/sqlite/0002_audit.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keyring",
+        include_str!("../../migrations/postgres/0001_keyring.sql"),
+    ),
+    (
+        2,
+        "audit",
+        include_str!("../../migrations/postgres/0002_audit.sql"),
+    ),
+];
 
 /// Hides a database URL's password for messages.
 pub fn redact_url(url: &str) -> String {
