@@ -191,11 +191,7 @@ impl Store {
         }
         if filter.action.is_some() {
             if action_prefix.is_some() {
-                sql.push_str(&format!(
-                    " AND substr(action, 1, ${}) = ${}",
-                    next(),
-                    next()
-                ));
+                sql.push_str(&format!(" AND action LIKE ${} ESCAPE '!'", next()));
             } else {
                 sql.push_str(&format!(" AND action = ${}", next()));
             }
@@ -210,7 +206,10 @@ impl Store {
         }
         if let Some(a) = &filter.action {
             match action_prefix {
-                Some(p) => q = q.bind(p.chars().count() as i64).bind(p.to_string()),
+                Some(p) => {
+                    let escaped = p.replace('!', "!!").replace('%', "!%").replace('_', "!_");
+                    q = q.bind(format!("{escaped}%"))
+                }
                 None => q = q.bind(a.clone()),
             }
         }
