@@ -22,6 +22,7 @@
 pub mod aggregate;
 pub mod chain;
 pub mod checkpoint;
+pub mod events;
 pub mod keys;
 
 use anyhow::Context;
@@ -268,15 +269,28 @@ pub async fn record(
     event: Event,
     now: DateTime<Utc>,
 ) -> anyhow::Result<AuditRecord> {
-    let details = Value::Object(event.details);
-    anyhow::ensure!(
-        !has_float(&details),
-        "audit event {} carries a floating-point detail (only integers are allowed)",
-        event.action
-    );
+    let mut out = record_all(conn, app, vec![event], now).await?;
+    Ok(out.pop().expect("one event makes one row"))
+}
+
+/// Appends several events in order (one lock, one head read), in the
+/// caller's transaction; see [`record`].
+pub async fn record_all(
+    conn: &mut AnyConnection,
+    app: &App,
+    events: Vec<Event>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<AuditRecord>> {
+    for e in &events {
+        anyhow::ensure!(
+            !e.details.values().any(has_float),
+            "audit event {} carries a floating-point detail (only integers are allowed)",
+            e.action
+        );
+    }
     auditstore::lock_head(conn).await?;
     let keys = app.audit_keys_in(conn).await?;
-    let (seq, prev_hash) = match auditstore::head(conn).await? {
+    let (mut seq, mut prev_hash) = match auditstore::head(conn).await? {
         Some(head) => head,
         None => match auditstore::meta_in(conn, auditstore::ANCHOR_META).await? {
             Some(json) => {
@@ -287,29 +301,38 @@ pub async fn record(
             None => (0, GENESIS_HASH.to_string()),
         },
     };
-    let actor = match &event.actor {
-        Some(a) => a.render(keys),
-        None => app
-            .audit
-            .actor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .render(keys),
-    };
-    let rec = chain::seal(
-        seq + 1,
-        &prev_hash,
-        NewEvent {
-            at_ms: now.timestamp_millis(),
-            actor,
-            action: event.action,
-            target: event.target,
-            outcome: event.outcome,
-            details,
-        },
-    );
-    auditstore::insert(conn, &rec).await?;
-    Ok(rec)
+    let default_actor = app
+        .audit
+        .actor
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .render(keys);
+    let mut out = Vec::with_capacity(events.len());
+    for event in events {
+        let actor = match &event.actor {
+            Some(a) => a.render(keys),
+            None => default_actor.clone(),
+        };
+        seq += 1;
+        let rec = chain::seal(
+            seq,
+            &prev_hash,
+            NewEvent {
+                at_ms: now.timestamp_millis(),
+                actor,
+                action: event.action,
+                target: event.target,
+                outcome: event.outcome,
+                details: Value::Object(event.details),
+            },
+        );
+        auditstore::insert(conn, &rec)
+            .await
+            .with_context(|| format!("recording the audit event {}", rec.action))?;
+        prev_hash = rec.hash.clone();
+        out.push(rec);
+    }
+    Ok(out)
 }
 
 /// Records `events` as the last writes of `tx`, commits, then logs them.
@@ -321,13 +344,9 @@ pub async fn commit(
     events: Vec<Event>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<AuditRecord>> {
-    let mut out = Vec::with_capacity(events.len());
-    for e in events {
-        let action = e.action.clone();
-        out.push(record(&mut tx, app, e, now).await.with_context(|| {
-            format!("recording the audit event {action} (nothing was changed)")
-        })?);
-    }
+    let out = record_all(&mut tx, app, events, now)
+        .await
+        .context("the audit log could not be written, so nothing was changed")?;
     tx.commit().await.context("committing")?;
     for r in &out {
         emit(r);
