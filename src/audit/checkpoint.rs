@@ -235,13 +235,23 @@ pub async fn checkpoint(
     };
     let cutoff_ms = (now - app.config.audit.retention.to_chrono()).timestamp_millis();
     let mut tx = app.store.begin().await?;
+    // The anchor is read again under the write lock: a concurrent
+    // checkpoint may have pruned since the verification above.
+    let current_anchor = match auditstore::meta_in(&mut tx, ANCHOR_META).await? {
+        Some(json) => {
+            serde_json::from_str::<Checkpoint>(&json)
+                .context("reading the audit retention anchor")?
+                .seq
+        }
+        None => 0,
+    };
     let prune_to = auditstore::last_seq_before(&mut tx, cutoff_ms, cp.seq)
         .await?
-        .filter(|&k| k > report.anchor_seq);
+        .filter(|&k| k > current_anchor);
     let mut pruned = 0;
-    let mut anchor_seq = report.anchor_seq;
+    let mut anchor_seq = current_anchor;
     if let Some(k) = prune_to {
-        pruned = (k - report.anchor_seq) as u64;
+        pruned = (k - current_anchor) as u64;
         anchor_seq = k;
         if !dry_run {
             let last = auditstore::row_in(&mut tx, k)

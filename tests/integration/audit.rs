@@ -487,6 +487,43 @@ both_backends!(
     }
 );
 
+both_backends!(
+    concurrent_writers_keep_the_chain_linear_and_gap_free,
+    |env| {
+        env.init();
+        std::fs::write(env.path().join("v.txt"), "value").unwrap();
+        let children: Vec<_> = ["data", "signing", "temp", "token_encryption"]
+            .iter()
+            .map(|p| env.cmd(&["keys", "rotate", p]))
+            .chain((0..4).map(|i| {
+                let mut c = env.cmd(&["secrets", "put", &format!("s{i}"), "--from-file", "v.txt"]);
+                c.stdin(std::process::Stdio::null());
+                c
+            }))
+            .map(|mut c| {
+                c.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let all = rows(&env);
+        assert_eq!(all.len(), 8 + 4 * 3 + 4);
+        for (i, (r, _)) in all.iter().enumerate() {
+            assert_eq!(r.seq, i as i64 + 1);
+        }
+        assert_eq!(verify(&env)["ok"], true);
+    }
+);
+
 both_backends!(an_unwritable_audit_log_stops_the_key_operation, |env| {
     env.init();
     let before = env.run(&["keys", "list", "--json"]).ok().json();
