@@ -12,9 +12,10 @@ CREATE TABLE audit_log (
     prev_hash TEXT NOT NULL,
     hash      TEXT NOT NULL
 );
+-- Only the time is indexed (retention, export --since): every index is paid
+-- by every key operation's transaction, while filtering by action or target
+-- is an occasional auditor's scan.
 CREATE INDEX audit_log_by_time ON audit_log (at_ms, seq);
-CREATE INDEX audit_log_by_action ON audit_log (action, seq);
-CREATE INDEX audit_log_by_target ON audit_log (target, seq);
 
 -- The row every audit writer updates first: on PostgreSQL its row lock
 -- serialises writers so seq stays gap-free (SQLite's BEGIN IMMEDIATE
