@@ -704,3 +704,213 @@ both_backends!(no_secret_reaches_logs_audit_rows_or_checkpoints, |env| {
         assert!(!audit_rows.contains(&format!("cli:{user}")), "{audit_rows}");
     }
 });
+
+/// The key that signs this store's checkpoints, derived as `audit verify`
+/// derives it (from the audit key, unwrapped with the root key).
+fn checkpoint_key(env: &Env) -> zeroize::Zeroizing<[u8; 32]> {
+    let url = db_url(env);
+    let stored: Value = rt().block_on(async {
+        use sqlx::{Connection, Row};
+        sqlx::any::install_default_drivers();
+        let mut c = sqlx::AnyConnection::connect(&url).await.unwrap();
+        let v: String = sqlx::query("SELECT value FROM kw_meta WHERE name = 'audit_key'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+            .get(0);
+        serde_json::from_str(&v).unwrap()
+    });
+    let roots = keywarden::crypto::rootkey::RootKeys::parse_list(&env.root_key(), "test").unwrap();
+    let secret = roots
+        .newest()
+        .fernet()
+        .decrypt(stored["token"].as_str().unwrap())
+        .unwrap();
+    chain::derive_key(&secret, chain::CHECKPOINT_KEY_LABEL)
+}
+
+/// Changes one field of a row so that it surely differs.
+fn flip_field(r: &mut AuditRecord, raw: &mut String, rng: &mut impl rand::Rng) -> &'static str {
+    fn flip_str(s: &str, rng: &mut impl rand::Rng) -> String {
+        let at = rng.random_range(0..s.len());
+        flip(s, at)
+    }
+    match rng.random_range(0..8) {
+        0 => {
+            r.actor = flip_str(&r.actor, rng);
+            "actor"
+        }
+        1 => {
+            r.action = flip_str(&r.action, rng);
+            "action"
+        }
+        2 => {
+            r.target = match &r.target {
+                Some(t) => Some(flip_str(t, rng)),
+                None => Some("dat_x".into()),
+            };
+            "target"
+        }
+        3 => {
+            r.outcome = flip_str(&r.outcome, rng);
+            "outcome"
+        }
+        4 => {
+            r.details["tampered"] = Value::from(rng.random_range(0..1000));
+            *raw = serde_json::to_string(&r.details).unwrap();
+            "details"
+        }
+        5 => {
+            r.prev_hash = flip_str(&r.prev_hash, rng);
+            "prev_hash"
+        }
+        6 => {
+            r.hash = flip_str(&r.hash, rng);
+            "hash"
+        }
+        _ => {
+            r.at_ms += rng.random_range(1..100_000);
+            "at_ms"
+        }
+    }
+}
+
+both_backends!(
+    a_thousand_random_modifications_of_a_real_log_are_all_detected,
+    |env| {
+        use rand::{Rng, SeedableRng};
+        let cp_seq = build_log(&env);
+        // The log as it stood at the checkpoint, made by the binary.
+        let real: Vec<(AuditRecord, String)> =
+            rows(&env).into_iter().take(cp_seq as usize).collect();
+        let len = real.len();
+        let file = walk(&env.data_dir().join("checkpoints")).remove(0);
+        let checkpoint: chain::Checkpoint =
+            serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        assert_eq!(checkpoint.seq, cp_seq);
+        let key = checkpoint_key(&env);
+        let plain: Vec<AuditRecord> = real.iter().map(|(r, _)| r.clone()).collect();
+        assert!(chain::verify(plain, None, Some(&checkpoint), &key[..]).ok);
+
+        const SEED: u64 = 0x6175_6469_7421;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
+        let seq_at = |i: usize| i as i64 + 1;
+        for trial in 0..1000 {
+            let mut t = real.clone();
+            let (what, kind, row) = match trial % 6 {
+                0 => {
+                    let i = rng.random_range(0..len);
+                    let (r, raw) = &mut t[i];
+                    let field = flip_field(r, raw, &mut rng);
+                    (
+                        format!("flip {field} of row {}", seq_at(i)),
+                        "changed",
+                        seq_at(i),
+                    )
+                }
+                1 => {
+                    let i = rng.random_range(0..len);
+                    let n = rng.random_range(1..=3).min(len - i);
+                    t.drain(i..i + n);
+                    let kind = if i + n == len { "truncated" } else { "deleted" };
+                    (
+                        format!("delete {n} rows from row {}", seq_at(i)),
+                        kind,
+                        seq_at(i),
+                    )
+                }
+                2 => {
+                    let i = rng.random_range(0..len - 1);
+                    let j = rng.random_range(i + 1..len);
+                    t.swap(i, j);
+                    t[i].0.seq = seq_at(i);
+                    t[j].0.seq = seq_at(j);
+                    (
+                        format!("swap rows {} and {}", seq_at(i), seq_at(j)),
+                        "reordered",
+                        seq_at(i),
+                    )
+                }
+                3 => {
+                    let i = rng.random_range(0..len);
+                    for (r, _) in t.iter_mut().skip(i) {
+                        r.seq += 1;
+                    }
+                    let prev = real[i].0.prev_hash.clone();
+                    let forged = chain::seal(
+                        seq_at(i),
+                        &prev,
+                        chain::NewEvent {
+                            at_ms: real[i].0.at_ms,
+                            actor: "cli:intruder@elsewhere".into(),
+                            action: "key.activated".into(),
+                            target: Some(format!("dat_forged{trial}")),
+                            outcome: "ok".into(),
+                            details: serde_json::json!({ "trial": trial }),
+                        },
+                    );
+                    let raw = serde_json::to_string(&forged.details).unwrap();
+                    t.insert(i, (forged, raw));
+                    (
+                        format!("insert a forged row at {}", seq_at(i)),
+                        "inserted",
+                        seq_at(i),
+                    )
+                }
+                4 => {
+                    let keep = rng.random_range(0..len);
+                    t.truncate(keep);
+                    (
+                        format!("truncate from row {}", seq_at(keep)),
+                        "truncated",
+                        seq_at(keep),
+                    )
+                }
+                _ => {
+                    let from = rng.random_range(0..len);
+                    for i in from..len {
+                        let prev = if i == from {
+                            real[i].0.prev_hash.clone()
+                        } else {
+                            t[i - 1].0.hash.clone()
+                        };
+                        let mut r = t[i].0.clone();
+                        r.actor = format!("cli:rewriter{trial}@elsewhere");
+                        r.prev_hash = prev;
+                        r.hash = r.computed_hash();
+                        t[i].0 = r;
+                    }
+                    (
+                        format!("rewrite from row {}", seq_at(from)),
+                        "rewritten",
+                        cp_seq,
+                    )
+                }
+            };
+            let report = chain::verify(
+                t.iter().map(|(r, _)| r.clone()),
+                None,
+                Some(&checkpoint),
+                &key[..],
+            );
+            let got = serde_json::to_value(&report).unwrap();
+            assert!(
+                got["ok"] == false
+                    && got["breakage"] == kind
+                    && got["first_bad_row"] == row
+                    && report
+                        .reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains(&row.to_string())),
+                "trial {trial} (seed {SEED:#x}): {what}: expected {kind} at {row}, got {got}"
+            );
+            // Every 50th copy also goes into the database and through the binary.
+            if trial % 50 == 0 {
+                write_rows(&env, &t);
+                assert_broken(&verify(&env), kind, row, &what);
+            }
+        }
+        write_rows(&env, &real);
+        assert_eq!(verify(&env)["ok"], true);
+    }
+);
