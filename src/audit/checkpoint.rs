@@ -203,11 +203,17 @@ pub async fn verify_store(app: &App) -> anyhow::Result<VerifyOutcome> {
     Ok(outcome(verifier.finish(), anchor_seq))
 }
 
-/// The `audit-checkpoint` job and `audit checkpoint`: verifies the chain
-/// (a broken chain gets no checkpoint: exit 3), writes a signed checkpoint
-/// of its head, then applies retention (`audit.retention`), never deleting
-/// past that checkpoint, and records both in one audit row.
-pub async fn checkpoint(
+/// The `audit-checkpoint` job: verifies the chain (a broken chain gets no
+/// checkpoint and the error is a `Rejected`: alert on it), writes a signed
+/// checkpoint of its head, then applies retention (`audit.retention`),
+/// never deleting past that checkpoint, and records both in one audit row.
+pub async fn checkpoint(app: &App, now: DateTime<Utc>) -> anyhow::Result<CheckpointOutcome> {
+    checkpoint_with(app, now, false).await
+}
+
+/// [`checkpoint`], or with `dry_run` only what it would write and prune
+/// (`audit checkpoint --dry-run`).
+pub async fn checkpoint_with(
     app: &App,
     now: DateTime<Utc>,
     dry_run: bool,

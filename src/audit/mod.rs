@@ -25,6 +25,8 @@ pub mod checkpoint;
 pub mod events;
 pub mod keys;
 
+pub use checkpoint::{checkpoint, verify_store};
+
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};

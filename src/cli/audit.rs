@@ -151,7 +151,7 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> anyhow::Result<()> {
         }
         AuditCmd::Checkpoint { dry_run } => {
             let app = ctx.open(OpenMode::Existing).await?;
-            let out = checkpoint::checkpoint(&app, super::now(), dry_run).await?;
+            let out = checkpoint::checkpoint_with(&app, super::now(), dry_run).await?;
             if ctx.json {
                 return print_json(&out);
             }
