@@ -128,9 +128,19 @@ pub async fn load_or_create_in(
     let json = match auditstore::meta_in(conn, KEY_META).await? {
         Some(j) => j,
         None => {
-            let j = fresh(roots)?;
-            auditstore::set_meta_in(conn, KEY_META, &j).await?;
-            j
+            // Insert-once: a process outside the audit lock (the pool path
+            // above) may have made one since; the first key made wins.
+            sqlx::query(
+                "INSERT INTO kw_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(KEY_META)
+            .bind(fresh(roots)?)
+            .execute(&mut *conn)
+            .await
+            .context("storing the audit key")?;
+            auditstore::meta_in(conn, KEY_META)
+                .await?
+                .context("the audit key vanished after storing it")?
         }
     };
     open(&json, roots)
