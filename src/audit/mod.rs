@@ -290,7 +290,11 @@ pub async fn record_all(
             e.action
         );
     }
-    auditstore::lock_head(conn).await?;
+    // SQLite's BEGIN IMMEDIATE (`Store::begin`) already holds the one write
+    // lock; PostgreSQL needs the row lock to serialise writers.
+    if app.store.backend() == crate::store::Backend::Postgres {
+        auditstore::lock_head(conn).await?;
+    }
     let keys = app.audit_keys_in(conn).await?;
     let (mut seq, mut prev_hash) = match auditstore::head(conn).await? {
         Some(head) => head,

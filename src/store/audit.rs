@@ -43,9 +43,10 @@ fn row_to_record(row: &AnyRow) -> anyhow::Result<AuditRecord> {
     })
 }
 
-/// Takes the audit writer lock for the rest of the transaction. On
-/// PostgreSQL the `UPDATE` holds the row lock until commit, so a second
-/// writer waits here and then reads the head the first one wrote.
+/// Takes the audit writer lock for the rest of the transaction (used on
+/// PostgreSQL; on SQLite `BEGIN IMMEDIATE` is the lock): the `UPDATE` holds
+/// the row lock until commit, so a second writer waits here and then reads
+/// the head the first one wrote.
 pub async fn lock_head(conn: &mut AnyConnection) -> anyhow::Result<()> {
     let done = sqlx::query("UPDATE kw_meta SET value = value WHERE name = $1")
         .bind(LOCK_META)
