@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::App;
+use crate::audit::{self, Event, action};
 use crate::crypto::fernet::FernetKey;
 use crate::crypto::{self, KeyMaterial};
 use crate::error::UsageError;
@@ -242,20 +243,28 @@ impl App {
                 // Another process made it between our read and our lock.
                 continue;
             }
-            let version = keystore::next_version(&mut tx, purpose).await?;
-            let key = self.new_key(purpose, version, &material, now);
-            let written = async {
+            let attempt = async {
+                let version = keystore::next_version(&mut tx, purpose).await?;
+                let key = self.new_key(purpose, version, &material, now);
                 keystore::insert_key(&mut tx, &key).await?;
                 keystore::announce(&mut tx, &[("activate", &key.meta.kid, purpose)], now).await?;
-                tx.commit().await.map_err(anyhow::Error::from)
-            }
-            .await;
-            match written {
-                Ok(()) => created.push(key.meta),
+                let events = vec![
+                    generated(&key.meta),
+                    Event::new(action::KEY_ACTIVATED)
+                        .target(key.meta.kid.as_str())
+                        .detail("purpose", purpose.as_str())
+                        .detail("version", version)
+                        .detail("first", true),
+                ];
+                audit::commit(self, tx, events, now).await?;
+                anyhow::Ok(key.meta)
+            };
+            match attempt.await {
+                Ok(meta) => created.push(meta),
                 Err(e) => {
-                    // A concurrent init on PostgreSQL may win a unique index
-                    // (at the insert or at the commit); that is success for
-                    // us if a key now exists.
+                    // A concurrent init on PostgreSQL may win the unique
+                    // index (at the insert or at the commit); that is
+                    // success for us if a key now exists.
                     let again = self.store.list_keys(Some(purpose)).await?;
                     if !again.iter().any(|k| k.meta.state == KeyState::Active) {
                         return Err(e).context(format!("creating the first {purpose} key"));
@@ -305,6 +314,7 @@ impl App {
         let version = keystore::next_version(&mut tx, purpose).await?;
         let new = self.new_key(purpose, version, &material, now);
         let mut events: Vec<(&str, &str, Purpose)> = Vec::new();
+        let mut audit_events = vec![generated(&new.meta)];
         if let Some(old) = active {
             let retire_after = self.policy.retire_at(purpose, now);
             let changed = keystore::set_state(
@@ -319,11 +329,28 @@ impl App {
             .await?;
             anyhow::ensure!(changed, "key {} changed under us", old.meta.kid);
             events.push(("demote", &old.meta.kid, purpose));
+            audit_events.push(
+                Event::new(action::KEY_ROTATED)
+                    .target(old.meta.kid.as_str())
+                    .detail("purpose", purpose.as_str())
+                    .detail("from", KeyState::Active.as_str())
+                    .detail("to", KeyState::Retiring.as_str())
+                    .detail("replaced_by", new.meta.kid.as_str())
+                    .detail("retire_after", retire_after.map(|t| t.timestamp())),
+            );
         }
         keystore::insert_key(&mut tx, &new).await?;
         events.push(("activate", &new.meta.kid, purpose));
         let epoch = keystore::announce(&mut tx, &events, now).await?;
-        tx.commit()
+        audit_events.push(
+            Event::new(action::KEY_ACTIVATED)
+                .target(new.meta.kid.as_str())
+                .detail("purpose", purpose.as_str())
+                .detail("version", version)
+                .detail("replaces", active.map(|k| k.meta.kid.as_str()))
+                .detail("epoch", epoch),
+        );
+        audit::commit(self, tx, audit_events, now)
             .await
             .with_context(|| format!("committing the {purpose} rotation"))?;
         tracing::info!(
@@ -399,7 +426,18 @@ impl App {
                     "retire"
                 };
                 keystore::announce(&mut tx, &[(action, &a.kid, a.purpose)], now).await?;
-                tx.commit().await.context("committing key expiry")?;
+                let event = Event::new(if a.to == KeyState::Destroyed {
+                    action::KEY_DESTROYED
+                } else {
+                    action::KEY_RETIRED
+                })
+                .target(a.kid.as_str())
+                .detail("purpose", a.purpose.as_str())
+                .detail("from", a.from.as_str())
+                .detail("to", a.to.as_str());
+                audit::commit(self, tx, vec![event], now)
+                    .await
+                    .context("committing key expiry")?;
                 tracing::info!(
                     key.id = a.kid.as_str(),
                     to = a.to.as_str(),
@@ -475,6 +513,15 @@ impl App {
                 .collect(),
         })
     }
+}
+
+/// The `key.generated` event of a new key.
+fn generated(meta: &KeyMeta) -> Event {
+    Event::new(action::KEY_GENERATED)
+        .target(meta.kid.as_str())
+        .detail("purpose", meta.purpose.as_str())
+        .detail("algorithm", meta.algorithm.as_str())
+        .detail("version", meta.version)
 }
 
 /// What a root key rotation did.
@@ -563,9 +610,23 @@ impl App {
             .execute(&mut *tx)
             .await
             .context("replacing the root key canary")?;
+        // The audit key moves with the others, so checkpoints and `hmac:`
+        // identifiers stay checkable after the old root key is gone.
+        audit::keys::rewrap_in(&mut tx, &self.roots, now.timestamp() as u64).await?;
         let newest = self.roots.newest().clone();
         keystore::announce(&mut tx, &[("rewrap", newest.id(), Purpose::Data)], now).await?;
-        tx.commit()
+        let event = Event::new(action::KEY_REWRAPPED)
+            .target(newest.id())
+            .detail("keys", count)
+            .detail(
+                "old_root_kids",
+                old_ids
+                    .iter()
+                    .filter(|id| *id != newest.id())
+                    .cloned()
+                    .collect::<Vec<String>>(),
+            );
+        audit::commit(self, tx, vec![event], now)
             .await
             .context("committing the root key rotation")?;
         let only_new = RootKeys::new(vec![newest.clone()]);

@@ -85,6 +85,8 @@ pub struct App {
     pub roots: RootKeys,
     pub root_source: RootKeySource,
     pub policy: Policy,
+    /// Audit keys, default actor and hot-path counters (`crate::audit`).
+    pub audit: crate::audit::AuditState,
 }
 
 impl std::fmt::Debug for App {
@@ -263,6 +265,7 @@ impl App {
             roots,
             root_source,
             policy,
+            audit: crate::audit::AuditState::new(crate::audit::Actor::operator_from_env()),
         })
     }
 }

@@ -10,8 +10,9 @@ use zeroize::Zeroizing;
 
 use super::App;
 use crate::app::keyring::DecryptError;
+use crate::audit::{self, Event, action};
 use crate::error::{Rejected, UsageError};
-use crate::store::secrets::NewSecret;
+use crate::store::secrets::{NewSecret, put_secrets_in};
 
 /// How many imported rows one transaction writes.
 pub const IMPORT_BATCH: usize = 5000;
@@ -52,18 +53,27 @@ impl App {
         now: chrono::DateTime<chrono::Utc>,
     ) -> anyhow::Result<String> {
         check_secret_name(name)?;
+        // The audit row names the secret only by its keyed HMAC.
+        let redacted = self.redact(name).await?;
         let keys = self.data_keys().await?;
         let (kid, token) = keys.encrypt(value, now.timestamp() as u64);
-        self.store
-            .put_secrets(
-                &[NewSecret {
-                    name: name.to_string(),
-                    kid: kid.clone(),
-                    token,
-                }],
-                now.timestamp(),
-            )
-            .await?;
+        let mut tx = self.store.begin().await?;
+        put_secrets_in(
+            &mut tx,
+            &[NewSecret {
+                name: name.to_string(),
+                kid: kid.clone(),
+                token,
+            }],
+            now.timestamp(),
+        )
+        .await?;
+        let event = Event::new(action::SECRET_WRITTEN)
+            .target(redacted)
+            .detail("kid", kid.as_str());
+        audit::commit(self, tx, vec![event], now)
+            .await
+            .context("committing the secret")?;
         Ok(kid)
     }
 
@@ -150,8 +160,10 @@ impl App {
             .map(|(_, l)| l)
             .collect();
         let keys = self.data_keys().await?;
+        self.audit_keys().await?;
         let now_unix = now.timestamp() as u64;
         let total = keep.len();
+        let batch_count = total.div_ceil(IMPORT_BATCH);
         let mut written = 0;
         let mut batches = 0;
         for chunk in keep.chunks(IMPORT_BATCH) {
@@ -166,7 +178,20 @@ impl App {
                     }
                 })
                 .collect();
-            self.store.put_secrets(&rows, now.timestamp()).await?;
+            // One audit row per transaction, with the count (never the
+            // names): the rows and their audit record commit together.
+            let mut tx = self.store.begin().await?;
+            put_secrets_in(&mut tx, &rows, now.timestamp()).await?;
+            let event = Event::new(action::SECRETS_IMPORTED)
+                .target("secrets")
+                .detail("rows", rows.len())
+                .detail("kid", keys.active_kid.as_str())
+                .detail("batch", batches + 1)
+                .detail("batches", batch_count)
+                .detail("total", total);
+            audit::commit(self, tx, vec![event], now)
+                .await
+                .context("committing imported secrets")?;
             written += rows.len();
             batches += 1;
             progress(written, total);

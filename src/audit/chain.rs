@@ -401,6 +401,8 @@ pub fn verify(
 pub struct ChainVerifier {
     checkpoint: Option<Checkpoint>,
     prev: Anchor,
+    /// The `prev_hash` of the last accepted row (None at the anchor).
+    prev_link: Option<String>,
     accepted: u64,
     phase: Phase,
 }
@@ -430,6 +432,7 @@ impl ChainVerifier {
         let mut verifier = ChainVerifier {
             checkpoint: checkpoint.cloned(),
             prev: base.clone(),
+            prev_link: None,
             accepted: 0,
             phase: Phase::Walking,
         };
@@ -486,6 +489,7 @@ impl ChainVerifier {
                 if !row.follows(&self.prev) {
                     self.phase = Phase::Diagnosing(Box::new(Diagnosis::new(
                         self.prev.clone(),
+                        self.prev_link.clone(),
                         row,
                         head_mismatch,
                     )));
@@ -498,6 +502,7 @@ impl ChainVerifier {
                     return;
                 }
                 self.prev = Anchor::after(&row);
+                self.prev_link = Some(row.prev_hash.clone());
                 self.accepted += 1;
                 if let Some(cp) = &self.checkpoint
                     && cp.seq == row.seq
@@ -590,6 +595,8 @@ fn describe(seq: i64) -> String {
 struct Diagnosis {
     /// The last row that verified (or the anchor): "P".
     prev: Anchor,
+    /// P's `prev_hash` (None when P is the anchor).
+    prev_link: Option<String>,
     /// The first row that did not extend the chain: "R".
     row: AuditRecord,
     row_ok: bool,
@@ -612,10 +619,11 @@ struct Diagnosis {
 }
 
 impl Diagnosis {
-    fn new(prev: Anchor, row: AuditRecord, head_mismatch: bool) -> Self {
+    fn new(prev: Anchor, prev_link: Option<String>, row: AuditRecord, head_mismatch: bool) -> Self {
         Diagnosis {
             sub_head: prev.clone(),
             prev,
+            prev_link,
             row_ok: row.content_matches_hash(),
             row,
             head_mismatch,
@@ -685,6 +693,24 @@ impl Diagnosis {
         let after_p = describe(p);
 
         if !self.row_ok {
+            // R is the genuine row P (same content under P's seq, same
+            // predecessor) moved one seq down: the accepted P is a forged row
+            // that took its place, as when rows are renumbered to make room
+            // for an insertion under a unique seq column.
+            if r.seq > p
+                && self.prev_link.as_deref() == Some(r.prev_hash.as_str())
+                && r.matches_hash_as(p)
+            {
+                return (
+                    Breakage::Inserted,
+                    p,
+                    format!(
+                        "a row was inserted: row {p} is not the original, which follows it \
+                         renumbered as row {}",
+                        r.seq
+                    ),
+                );
+            }
             if r.seq != e && r.matches_hash_as(e) {
                 return seq_altered(e, r.seq);
             }
@@ -1378,6 +1404,19 @@ mod tests {
             tampered.insert(if place_before { at } else { at + 1 }, twin);
             let report = verify(tampered, None, Some(&cp), KEY);
             assert_broken(&report, Breakage::Inserted, at as i64 + 1);
+        }
+    }
+
+    #[test]
+    fn forged_row_inserted_by_renumbering_the_rest_is_inserted_at_its_seq() {
+        let rows = chain(10);
+        for k in [1usize, 5, 10] {
+            let mut tampered = rows.clone();
+            for r in tampered.iter_mut().skip(k - 1) {
+                r.seq += 1;
+            }
+            tampered.insert(k - 1, forged(k as i64, &rows[k - 1].prev_hash));
+            assert_broken(&verify_plain(&tampered), Breakage::Inserted, k as i64);
         }
     }
 

@@ -3,6 +3,7 @@
 //! into a message and an exit status once.
 
 mod apikey;
+mod audit;
 mod config_cmd;
 mod crypt;
 mod init;
@@ -107,6 +108,9 @@ pub enum Command {
     /// keywarden's own API keys: create, list, revoke, verify.
     #[command(subcommand)]
     Apikey(apikey::ApikeyCmd),
+    /// The audit log: verify its hash chain, read it, checkpoint it.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
 }
 
 /// What every command gets: the parsed global flags.
@@ -187,6 +191,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
         Command::Token(cmd) => token::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
+        Command::Audit(cmd) => audit::run(&ctx, cmd).await,
     }
 }
 

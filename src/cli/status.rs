@@ -52,8 +52,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     } else {
         "configured".to_string()
     };
+    let audit = audit_health(&app).await;
     if ctx.json {
         print_json(&serde_json::json!({
+            "audit": audit,
             "store": crate::store::redact_url(&app.paths.database_url),
             "root_key": app.root_source.to_string(),
             "root_kid": app.roots.newest().id(),
@@ -75,6 +77,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     );
     println!("epoch:    {epoch}");
     println!("redis:    {redis}");
+    println!("audit:    {}", audit["summary"].as_str().unwrap_or("-"));
     println!();
     println!(
         "{:<17} {:<26} {:<12} {:>4}  {:<21} {:>8}",
@@ -136,4 +139,39 @@ async fn jobs_status(
         }));
     }
     Ok(serde_json::Value::Array(out))
+}
+
+/// Audit log health for `status`: rows, head, last checkpoint and how old
+/// it is. Cheap (no chain walk: that is `audit verify`); a failure to read
+/// is reported, not fatal, so `status` still shows the keyring.
+async fn audit_health(app: &crate::app::App) -> serde_json::Value {
+    use crate::audit::checkpoint::{checkpoint_dir, latest_checkpoint};
+    let counts = app.store.audit_count().await;
+    let cp = latest_checkpoint(&checkpoint_dir(app));
+    match (counts, cp) {
+        (Ok((rows, head)), Ok(cp)) => {
+            let cp_at = cp
+                .as_ref()
+                .and_then(|(_, c)| chrono::DateTime::from_timestamp_millis(c.at_ms));
+            let summary = format!(
+                "{rows} rows, head {}; last checkpoint {}",
+                head.map_or("-".into(), |h| format!("#{h}")),
+                match (&cp, cp_at) {
+                    (Some((_, c)), Some(at)) => format!("#{} at {}", c.seq, show_time(Some(at))),
+                    _ => "never (run `keywarden audit checkpoint`)".into(),
+                }
+            );
+            serde_json::json!({
+                "rows": rows,
+                "head_seq": head,
+                "last_checkpoint_seq": cp.as_ref().map(|(_, c)| c.seq),
+                "last_checkpoint_at": cp_at,
+                "summary": summary,
+            })
+        }
+        (Err(e), _) | (_, Err(e)) => serde_json::json!({
+            "error": format!("{e:#}"),
+            "summary": format!("UNHEALTHY: {e:#}"),
+        }),
+    }
 }

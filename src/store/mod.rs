@@ -9,6 +9,7 @@
 //! Fernet tokens made with the root key.
 
 pub mod job_runs;
+pub mod audit;
 pub mod keys;
 pub mod secrets;
 pub mod tokens;
@@ -47,6 +48,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0001_keyring.sql"),
     ),
     (
+        2,
+        "audit",
+        include_str!("../../migrations/sqlite/0002_audit.sql"),
+    ),
+    (
         3,
         "worker",
         include_str!("../../migrations/sqlite/0003_worker.sql"),
@@ -62,6 +68,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         1,
         "keyring",
         include_str!("../../migrations/postgres/0001_keyring.sql"),
+    ),
+    (
+        2,
+        "audit",
+        include_str!("../../migrations/postgres/0002_audit.sql"),
     ),
     (
         3,

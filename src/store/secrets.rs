@@ -32,39 +32,7 @@ impl Store {
     /// Writes (inserts or replaces) secrets, all in one transaction.
     pub async fn put_secrets(&self, rows: &[NewSecret], now: i64) -> anyhow::Result<()> {
         let mut tx = self.begin().await?;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = String::from(
-                "INSERT INTO secrets (name, kid, token, created_at, updated_at) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                let b = i * 5;
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5
-                ));
-            }
-            sql.push_str(
-                " ON CONFLICT (name) DO UPDATE SET kid = excluded.kid, token = excluded.token, \
-                 updated_at = excluded.updated_at",
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
-                q = q
-                    .bind(r.name.as_str())
-                    .bind(r.kid.as_str())
-                    .bind(r.token.as_str())
-                    .bind(now)
-                    .bind(now);
-            }
-            q.execute(&mut *tx).await.context("writing secrets")?;
-        }
+        put_secrets_in(&mut tx, rows, now).await?;
         tx.commit().await.context("committing secrets")?;
         Ok(())
     }
@@ -123,4 +91,46 @@ impl Store {
             .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
             .collect()
     }
+}
+
+/// Writes (inserts or replaces) secrets inside the caller's transaction
+/// (so their audit row commits with them).
+pub async fn put_secrets_in(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[NewSecret],
+    now: i64,
+) -> anyhow::Result<()> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut sql =
+            String::from("INSERT INTO secrets (name, kid, token, created_at, updated_at) VALUES ");
+        for i in 0..chunk.len() {
+            let b = i * 5;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5
+            ));
+        }
+        sql.push_str(
+            " ON CONFLICT (name) DO UPDATE SET kid = excluded.kid, token = excluded.token, \
+             updated_at = excluded.updated_at",
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(r.name.as_str())
+                .bind(r.kid.as_str())
+                .bind(r.token.as_str())
+                .bind(now)
+                .bind(now);
+        }
+        q.execute(&mut *conn).await.context("writing secrets")?;
+    }
+    Ok(())
 }

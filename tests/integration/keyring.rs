@@ -516,7 +516,7 @@ both_backends!(
     }
 );
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -529,12 +529,12 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     needle.len() <= hay.len() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Every row of every table, as text.
-fn dump_postgres(url: &str) -> Vec<u8> {
+pub(crate) fn dump_postgres(url: &str) -> Vec<u8> {
     rt().block_on(async {
         use sqlx::{Connection, Row};
         let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();

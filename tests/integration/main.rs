@@ -3,6 +3,7 @@
 
 mod support;
 
+mod audit;
 mod keyring;
 mod tokens;
 mod worker;
