@@ -6,6 +6,7 @@
 //! - `config`, `duration`: config file + environment into validated types.
 //! - `store`: sqlx repositories over SQLite and PostgreSQL.
 //! - `app`: the service that ties config, store and root keys together.
+//! - `sync`: the outbox publisher to Redis, the `KeyringCache` subscriber, sync lag.
 //! - `cli`: the command line (one file per command group).
 
 pub mod app;
@@ -18,3 +19,4 @@ pub mod error;
 pub mod keyring;
 pub mod scheduler;
 pub mod store;
+pub mod sync;

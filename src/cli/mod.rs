@@ -8,6 +8,7 @@ mod init;
 mod keys;
 mod secrets;
 mod status;
+pub(crate) mod sync;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -92,6 +93,9 @@ pub enum Command {
     /// Show the effective config or print an annotated default.
     #[command(subcommand)]
     Config(config_cmd::ConfigCmd),
+    /// Redis sync: status (outbox, epochs, per-instance lag) and publishing by hand.
+    #[command(subcommand)]
+    Sync(sync::SyncCmd),
 }
 
 /// What every command gets: the parsed global flags.
@@ -168,6 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decrypt => crypt::decrypt(&ctx).await,
         Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
+        Command::Sync(cmd) => sync::run(&ctx, cmd).await,
     }
 }
 

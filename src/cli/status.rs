@@ -46,10 +46,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         })
         .collect();
     let epoch = app.store.epoch().await?;
-    let redis = if app.config.redis.url.is_empty() {
+    let sync = crate::sync::sync_lag(&app).await?;
+    let redis = if !sync.configured {
         "not configured: events wait in the outbox".to_string()
+    } else if sync.reachable {
+        "reachable".to_string()
     } else {
-        "configured".to_string()
+        "unreachable: events wait in the outbox".to_string()
     };
     if ctx.json {
         print_json(&serde_json::json!({
@@ -58,6 +61,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "root_kid": app.roots.newest().id(),
             "epoch": epoch,
             "redis": redis,
+            "outbox_backlog": sync.outbox.events,
+            "sync": sync,
             "keyring": purposes,
         }))?;
         return Ok(());
@@ -71,8 +76,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         app.root_source,
         app.roots.newest().id()
     );
-    println!("epoch:    {epoch}");
-    println!("redis:    {redis}");
+    let _ = (epoch, redis);
+    super::sync::print_summary(&sync);
     println!();
     println!(
         "{:<17} {:<26} {:<12} {:>4}  {:<21} {:>8}",

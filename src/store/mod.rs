@@ -9,6 +9,7 @@
 //! Fernet tokens made with the root key.
 
 pub mod keys;
+pub mod outbox;
 pub mod secrets;
 
 use std::borrow::Cow;
