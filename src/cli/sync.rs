@@ -85,8 +85,7 @@ pub fn print_summary(lag: &SyncLag) {
         let live = lag.instances.iter().filter(|i| !i.stale).count();
         println!(
             "sync lag: {} over {live} live instances (threshold {} ms){}; behind: {}",
-            lag.max_lag_ms
-                .map_or("-".into(), |m| format!("max {m} ms")),
+            lag.max_lag_ms.map_or("-".into(), |m| format!("max {m} ms")),
             lag.threshold_ms,
             if lag.over_threshold { " OVER" } else { "" },
             if lag.behind.is_empty() {

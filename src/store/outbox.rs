@@ -72,18 +72,19 @@ impl Store {
                 .await
                 .context("marking an outbox event published")?;
         }
-        tx.commit().await.context("marking outbox events published")?;
+        tx.commit()
+            .await
+            .context("marking outbox events published")?;
         Ok(())
     }
 
     /// The events that wait for Redis.
     pub async fn outbox_backlog(&self) -> anyhow::Result<Backlog> {
-        let row = sqlx::query(
-            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE published_at IS NULL",
-        )
-        .fetch_one(self.pool())
-        .await
-        .context("counting the outbox backlog")?;
+        let row =
+            sqlx::query("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(self.pool())
+                .await
+                .context("counting the outbox backlog")?;
         Ok(Backlog {
             events: row.try_get(0)?,
             oldest_created_at: row.try_get::<Option<i64>, _>(1)?.map(from_unix),
@@ -128,7 +129,10 @@ impl Store {
     /// Gives the publisher lease back if `holder` has it.
     pub async fn release_publisher_lease(&self, holder: &str) -> anyhow::Result<()> {
         let current = self.meta(LEASE).await?.unwrap_or_default();
-        if current.split_once('|').is_some_and(|(_, who)| who == holder) {
+        if current
+            .split_once('|')
+            .is_some_and(|(_, who)| who == holder)
+        {
             sqlx::query("UPDATE kw_meta SET value = '' WHERE name = $1 AND value = $2")
                 .bind(LEASE)
                 .bind(&current)

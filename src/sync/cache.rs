@@ -635,7 +635,11 @@ impl Shared {
 
 /// Subscribes on a single server with a dedicated pub/sub connection and
 /// reconnects forever; reports events and reconnects as signals.
-async fn pubsub_loop(target: RedisTarget, tx: mpsc::UnboundedSender<Signal>, max_backoff: Duration) {
+async fn pubsub_loop(
+    target: RedisTarget,
+    tx: mpsc::UnboundedSender<Signal>,
+    max_backoff: Duration,
+) {
     let mut first = true;
     let mut backoff = Duration::from_millis(20);
     loop {

@@ -101,9 +101,8 @@ pub fn compute(
                 .as_ref()
                 .and_then(|a| a.seen.as_deref().and_then(parse_time))
                 .or(at);
-            let stale = seen.is_none_or(|s| {
-                now_ms - s.timestamp_millis() > stale_after.as_millis() as i64
-            });
+            let stale =
+                seen.is_none_or(|s| now_ms - s.timestamp_millis() > stale_after.as_millis() as i64);
             let behind = epoch < latest;
             let lag_ms = if behind {
                 published

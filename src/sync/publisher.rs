@@ -297,7 +297,9 @@ pub async fn run_publisher(app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let target = match RedisTarget::from_config(&app.config) {
         Ok(Some(t)) => t,
         Ok(None) => {
-            tracing::info!("redis.url is not set: the publisher is idle, events wait in the outbox");
+            tracing::info!(
+                "redis.url is not set: the publisher is idle, events wait in the outbox"
+            );
             shutdown.await;
             return;
         }

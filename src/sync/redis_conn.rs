@@ -27,7 +27,7 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub enum RedisTarget {
     /// One server.
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     /// A Redis Cluster, by its seed node URLs.
     Cluster(Vec<String>),
 }
@@ -131,7 +131,7 @@ impl RedisTarget {
         let parts: Vec<&str> = rest.split(',').map(str::trim).collect();
         if !cluster_scheme && parts.len() == 1 {
             let client = redis::Client::open(url).map_err(|e| bad(&e.to_string()))?;
-            return Ok(RedisTarget::Single(client));
+            return Ok(RedisTarget::Single(Box::new(client)));
         }
         // A cluster: build one URL per node.
         let first = parts[0];
@@ -179,7 +179,9 @@ impl RedisTarget {
                     format!("redis at {addr} (db {db})")
                 }
             }
-            RedisTarget::Cluster(nodes) => format!("redis cluster via {}", redact(&nodes.join(","))),
+            RedisTarget::Cluster(nodes) => {
+                format!("redis cluster via {}", redact(&nodes.join(",")))
+            }
         }
     }
 
@@ -278,7 +280,10 @@ mod tests {
         else {
             panic!("not a cluster")
         };
-        assert_eq!(n, ["redis://:pw@10.0.0.1:7000", "redis://:pw@10.0.0.2:7001"]);
+        assert_eq!(
+            n,
+            ["redis://:pw@10.0.0.1:7000", "redis://:pw@10.0.0.2:7001"]
+        );
         let RedisTarget::Cluster(n) =
             RedisTarget::parse("redis://127.0.0.1:57001,redis://127.0.0.1:57002").unwrap()
         else {
