@@ -101,14 +101,19 @@ impl Store {
         now_ms: i64,
         expires_ms: i64,
     ) -> anyhow::Result<bool> {
-        sqlx::query(
-            "INSERT INTO kw_meta (name, value) VALUES ($1, '') ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(LEASE)
-        .execute(self.pool())
-        .await
-        .context("creating the publisher lease")?;
-        let current = self.meta(LEASE).await?.unwrap_or_default();
+        let current = match self.meta(LEASE).await? {
+            Some(v) => v,
+            None => {
+                sqlx::query(
+                    "INSERT INTO kw_meta (name, value) VALUES ($1, '') ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(LEASE)
+                .execute(self.pool())
+                .await
+                .context("creating the publisher lease")?;
+                self.meta(LEASE).await?.unwrap_or_default()
+            }
+        };
         let free = match current.split_once('|') {
             Some((exp, who)) => who == holder || exp.parse::<i64>().map_or(true, |e| e <= now_ms),
             None => true,
