@@ -116,7 +116,11 @@ async fn main() -> anyhow::Result<()> {
     let mut publish = Vec::with_capacity(args.rotations);
     let mut missed = 0;
     for r in 0..args.rotations {
-        let purpose = if r % 2 == 0 { Purpose::Data } else { Purpose::Temp };
+        let purpose = if r % 2 == 0 {
+            Purpose::Data
+        } else {
+            Purpose::Temp
+        };
         let outcome = app
             .rotate(purpose, chrono::Utc::now(), false, None)
             .await?
