@@ -200,6 +200,65 @@ pub async fn sync_lag_with(
     Ok(lag)
 }
 
+/// Token verifications counted by the instances over a window of minutes
+/// (from the `keywarden:verify:{minute}` hashes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyCounts {
+    pub minutes: i64,
+    pub ok: i64,
+    pub fail: i64,
+    /// Failures per reason.
+    pub by_reason: BTreeMap<String, i64>,
+}
+
+impl VerifyCounts {
+    /// The failure rate (0 when nothing was verified).
+    pub fn failure_rate(&self) -> f64 {
+        let total = self.ok + self.fail;
+        if total == 0 {
+            0.0
+        } else {
+            self.fail as f64 / total as f64
+        }
+    }
+}
+
+/// Sums the verification counters of the `minutes` whole minutes up to
+/// and including the one of `now` (for the failure-rate alert rule).
+/// Returns `Ok(None)` when Redis is not configured.
+pub async fn verification_counts(
+    app: &App,
+    now: DateTime<Utc>,
+    minutes: i64,
+) -> anyhow::Result<Option<VerifyCounts>> {
+    let Some(target) = RedisTarget::from_config(&app.config)? else {
+        return Ok(None);
+    };
+    let mut conn = target.connect().await?;
+    let this = now.timestamp().div_euclid(60);
+    let mut counts = VerifyCounts {
+        minutes,
+        ..VerifyCounts::default()
+    };
+    for minute in (this - minutes + 1)..=this {
+        let fields: BTreeMap<String, i64> = conn
+            .query(redis::cmd("HGETALL").arg(format!("{}{minute}", super::VERIFY_PREFIX)))
+            .await?;
+        for (field, n) in fields {
+            match field.as_str() {
+                "ok" => counts.ok += n,
+                "fail" => counts.fail += n,
+                other => {
+                    if let Some(reason) = other.strip_prefix("fail:") {
+                        *counts.by_reason.entry(reason.to_string()).or_default() += n;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(counts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ pub mod publisher;
 pub mod redis_conn;
 
 pub use cache::{CacheOptions, CachedKey, Keyring, KeyringCache, SigningKey};
-pub use lag::{InstanceLag, SyncLag, sync_lag};
+pub use lag::{InstanceLag, SyncLag, VerifyCounts, sync_lag, verification_counts};
 pub use publisher::{publish_pending, run_publisher, wake_publisher};
 pub use redis_conn::{RedisConn, RedisTarget};
 

@@ -334,6 +334,18 @@ both_backends!(keyring_cache_follows_rotations_and_acknowledges, |env| {
     assert_eq!(counts["fail:bad_signature"], 1);
     let ttl: i64 = get(&url, redis::cmd("TTL").arg(&keys[0]));
     assert!(ttl > 0);
+    let app = rt.block_on(open_app(&env, &url));
+    let summed = rt
+        .block_on(keywarden::sync::verification_counts(
+            &app,
+            chrono::Utc::now(),
+            5,
+        ))
+        .unwrap()
+        .unwrap();
+    assert_eq!((summed.ok, summed.fail), (1, 2));
+    assert_eq!(summed.by_reason["expired"], 1);
+    assert!((summed.failure_rate() - 2.0 / 3.0).abs() < 1e-9);
     rt.block_on(cache.close());
 });
 
@@ -503,7 +515,15 @@ fn rotations_survive_a_redis_outage_and_every_instance_converges_in_order() {
 async fn open_app(env: &Env, redis_url: &str) -> keywarden::app::App {
     let mut config = keywarden::config::Config::default();
     config.redis.url = keywarden::config::SecretString::new(redis_url);
-    let paths = keywarden::app::Paths::resolve(Some(&env.data_dir()));
+    let data_dir = env.data_dir();
+    let paths = keywarden::app::Paths {
+        database_url: env
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("keywarden.db").display())),
+        key_file: data_dir.join("root.key"),
+        data_dir,
+    };
     keywarden::app::App::open(config, paths, keywarden::app::OpenMode::Existing)
         .await
         .unwrap()
