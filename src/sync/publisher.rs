@@ -133,6 +133,13 @@ pub async fn publish_after_change(app: &App) -> usize {
         Ok(n) => {
             if n > 0 {
                 tracing::info!(events = n, "published key changes to Redis");
+            } else if let Ok(b) = app.store.outbox_backlog().await
+                && b.events > 0
+            {
+                tracing::warn!(
+                    outbox.events = b.events,
+                    "another publisher holds the lease: its events wait in the outbox                      (the worker publishes them, or run `keywarden sync publish`)"
+                );
             }
             n
         }
