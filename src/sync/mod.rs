@@ -78,7 +78,7 @@ pub fn rfc3339_ms(t: chrono::DateTime<chrono::Utc>) -> String {
 
 /// The Lua script that sets a string key holding an integer only if the new
 /// value is greater: the epoch never goes down, whoever publishes.
-pub(crate) const SET_IF_GREATER: &str = r#"
+pub const SET_IF_GREATER: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local new = tonumber(ARGV[1])
 if new > cur then
@@ -90,7 +90,7 @@ return 0
 
 /// The Lua script that replaces the snapshot unless the stored one has a
 /// greater epoch: a slow publisher never puts an older keyring back.
-pub(crate) const SET_SNAPSHOT_IF_NOT_OLDER: &str = r#"
+pub const SET_SNAPSHOT_IF_NOT_OLDER: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, doc = pcall(cjson.decode, cur)

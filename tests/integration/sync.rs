@@ -663,3 +663,100 @@ fn a_redis_cluster_carries_events_snapshot_and_subscriptions() {
             .any(|i| i["instance"] == "cluster-app")
     );
 }
+
+#[test]
+fn concurrent_publishers_keep_events_in_order_and_never_lower_the_epoch() {
+    let Some(url) = redis_db() else { return };
+    let mut env = Env::new(Backend::Sqlite).unwrap();
+    // The commands themselves cannot publish: only the three publishers do.
+    env.set_env(
+        "KEYWARDEN_REDIS_URL",
+        &format!("redis://127.0.0.1:{}/", free_port()),
+    );
+    env.init();
+    let rt = rt_mt();
+    let events = collect_events(&url);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishers: Vec<_> = (0..3)
+        .map(|_| {
+            let app = rt.block_on(open_app(&env, &url));
+            let stop = stop.clone();
+            rt.spawn(async move {
+                let mut total = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    total += keywarden::sync::publish_pending(&app).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                total += keywarden::sync::publish_pending(&app).await.unwrap();
+                total
+            })
+        })
+        .collect();
+    for purpose in ["data", "temp", "signing", "data", "temp", "data"] {
+        env.run(&["keys", "rotate", purpose]).ok();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let published: usize = publishers
+        .into_iter()
+        .map(|p| rt.block_on(p).unwrap())
+        .sum();
+    assert_eq!(published, 4 + 6 * 2, "each event published once");
+    let kids: Vec<serde_json::Value> = env
+        .run(&["keys", "list", "--json"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].clone())
+        .collect();
+    let mut epochs = Vec::new();
+    while epochs.len() < published {
+        let e = events.recv_timeout(Duration::from_secs(5)).unwrap();
+        if kids.contains(&e["kid"]) {
+            epochs.push(e["epoch"].as_i64().unwrap());
+        }
+    }
+    assert!(
+        epochs.windows(2).all(|w| w[0] <= w[1]),
+        "out of order: {epochs:?}"
+    );
+    let epoch = store_epoch(&env);
+    let in_redis: String = get(&url, redis::cmd("GET").arg("keywarden:epoch"));
+    assert_eq!(in_redis, epoch.to_string());
+    // A stale publisher's writes cannot move the epoch or snapshot back.
+    let app = rt.block_on(open_app(&env, &url));
+    let mut old = rt.block_on(app.snapshot()).unwrap();
+    old.epoch = 1;
+    let doc = serde_json::to_string(&old).unwrap();
+    let target = keywarden::sync::RedisTarget::parse(&url).unwrap();
+    rt.block_on(async {
+        let mut c = target.connect().await.unwrap();
+        let _: i64 = c
+            .query(
+                redis::cmd("EVAL")
+                    .arg(keywarden::sync::SET_IF_GREATER)
+                    .arg(1)
+                    .arg("keywarden:epoch")
+                    .arg(1),
+            )
+            .await
+            .unwrap();
+        let _: i64 = c
+            .query(
+                redis::cmd("EVAL")
+                    .arg(keywarden::sync::SET_SNAPSHOT_IF_NOT_OLDER)
+                    .arg(1)
+                    .arg("keywarden:keyring")
+                    .arg(doc)
+                    .arg(1),
+            )
+            .await
+            .unwrap();
+    });
+    let in_redis: String = get(&url, redis::cmd("GET").arg("keywarden:epoch"));
+    assert_eq!(in_redis, epoch.to_string());
+    let snap: String = get(&url, redis::cmd("GET").arg("keywarden:keyring"));
+    let snap: serde_json::Value = serde_json::from_str(&snap).unwrap();
+    assert_eq!(snap["epoch"].as_i64(), Some(epoch));
+}
