@@ -47,14 +47,14 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         .collect();
     let epoch = app.store.epoch().await?;
     let sync = crate::sync::sync_lag(&app).await?;
-    let redis = if !sync.configured {
-        "not configured: events wait in the outbox".to_string()
-    } else if sync.reachable {
-        "reachable".to_string()
-    } else {
-        "unreachable: events wait in the outbox".to_string()
-    };
     if ctx.json {
+        let redis = if !sync.configured {
+            "not configured: events wait in the outbox"
+        } else if sync.reachable {
+            "reachable"
+        } else {
+            "unreachable: events wait in the outbox"
+        };
         print_json(&serde_json::json!({
             "store": crate::store::redact_url(&app.paths.database_url),
             "root_key": app.root_source.to_string(),
@@ -76,7 +76,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         app.root_source,
         app.roots.newest().id()
     );
-    let _ = (epoch, redis);
+    // Epochs (store and Redis), Redis, outbox backlog and sync lag.
     super::sync::print_summary(&sync);
     println!();
     println!(
