@@ -651,7 +651,7 @@ async fn pubsub_loop(
         .await;
         match subscribed {
             Ok(mut ps) => {
-                backoff = Duration::from_millis(20);
+                let since = tokio::time::Instant::now();
                 if !first && tx.send(Signal::Reconnected).is_err() {
                     return;
                 }
@@ -669,6 +669,14 @@ async fn pubsub_loop(
                 }
                 if tx.send(Signal::Disconnected).is_err() {
                     return;
+                }
+                // A subscription that held a while reconnects at once; one
+                // that drops as soon as it is made backs off.
+                if since.elapsed() > max_backoff {
+                    backoff = Duration::from_millis(20);
+                } else {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(max_backoff);
                 }
             }
             Err(e) => {
