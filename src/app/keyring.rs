@@ -244,13 +244,18 @@ impl App {
             }
             let version = keystore::next_version(&mut tx, purpose).await?;
             let key = self.new_key(purpose, version, &material, now);
-            keystore::insert_key(&mut tx, &key).await?;
-            keystore::announce(&mut tx, &[("activate", &key.meta.kid, purpose)], now).await?;
-            match tx.commit().await {
+            let written = async {
+                keystore::insert_key(&mut tx, &key).await?;
+                keystore::announce(&mut tx, &[("activate", &key.meta.kid, purpose)], now).await?;
+                tx.commit().await.map_err(anyhow::Error::from)
+            }
+            .await;
+            match written {
                 Ok(()) => created.push(key.meta),
                 Err(e) => {
                     // A concurrent init on PostgreSQL may win the unique
-                    // index; that is success for us if a key now exists.
+                    // index (at the insert or at the commit); that is
+                    // success for us if a key now exists.
                     let again = self.store.list_keys(Some(purpose)).await?;
                     if !again.iter().any(|k| k.meta.state == KeyState::Active) {
                         return Err(e).context(format!("creating the first {purpose} key"));
