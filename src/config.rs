@@ -270,7 +270,9 @@ impl TokensConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://` or `unix://` URL; empty means no Redis (events
+    /// `redis://`, `rediss://` or `unix://` URL, or a Redis Cluster as
+    /// `redis+cluster://host:port,host:port` or a comma-separated list of
+    /// node URLs (see `sync::redis_conn`); empty means no Redis (events
     /// wait in the outbox). Also set by `KEYWARDEN_REDIS_URL`. May hold a
     /// password, hence a [`SecretString`].
     pub url: SecretString,
@@ -1150,7 +1152,14 @@ const SCHEMA: &[Field] = &[
         Kind::Section(&[
             key(
                 "url",
-                Kind::Url(&["redis://", "rediss://", "redis+unix://", "unix://"]),
+                Kind::Url(&[
+                    "redis://",
+                    "rediss://",
+                    "redis+unix://",
+                    "unix://",
+                    "redis+cluster://",
+                    "rediss+cluster://",
+                ]),
             ),
             key("poll_interval", INTERVAL),
         ]),
@@ -1646,7 +1655,7 @@ audience = ""                   # set: tokens carry and require this aud
 default_ttl = "15m"             # lifetime of token sign / token encrypt without --ttl
 
 [redis]
-url = ""                        # redis:// or rediss:// URL, same as KEYWARDEN_REDIS_URL; empty: events wait in the outbox
+url = ""                        # redis://, rediss:// or redis+cluster://h:p,h:p; same as KEYWARDEN_REDIS_URL; empty: events wait in the outbox
 poll_interval = "1s"            # subscribers re-check the epoch this often
 
 [http]

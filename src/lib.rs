@@ -8,6 +8,7 @@
 //! - `app`: the service that ties config, store and root keys together.
 //! - `scheduler`: job definitions, the one-run-per-tick claim, the worker loop.
 //! - `jobs`: what each job kind does (one module per kind).
+//! - `sync`: the outbox publisher to Redis, the `KeyringCache` subscriber, sync lag.
 //! - `cli`: the command line (one file per command group).
 
 pub mod app;
@@ -21,3 +22,4 @@ pub mod jobs;
 pub mod keyring;
 pub mod scheduler;
 pub mod store;
+pub mod sync;

@@ -488,10 +488,15 @@ impl App {
     }
 
     /// The keyring snapshot.
+    ///
+    /// The epoch is read before the keys: a rotation committing in between
+    /// makes the keys newer than the label, never older, so a subscriber
+    /// holding this epoch still reloads when it sees the next one.
     pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let epoch = self.store.epoch().await?;
         let keys = self.store.list_keys(None).await?;
         Ok(Snapshot {
-            epoch: self.store.epoch().await?,
+            epoch,
             root_kid: self.roots.newest().id().to_string(),
             keys: keys
                 .into_iter()

@@ -7,6 +7,8 @@ use crate::app::OpenMode;
 pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let app = ctx.open(OpenMode::Create).await?;
     let created = app.ensure_active_keys(super::now()).await?;
+    // Also on a repeated init: it puts the snapshot in a fresh Redis.
+    crate::sync::publisher::publish_after_change(&app).await;
     let keys = app.key_metas(None).await?;
     if ctx.json {
         print_json(&serde_json::json!({
@@ -46,6 +48,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
 pub async fn rotate_root(ctx: &Ctx, dry_run: bool) -> anyhow::Result<()> {
     let mut app = ctx.open(OpenMode::Existing).await?;
     let outcome = app.rotate_root(super::now(), dry_run).await?;
+    if !dry_run {
+        crate::sync::publisher::publish_after_change(&app).await;
+    }
     if ctx.json {
         return print_json(&outcome);
     }

@@ -110,6 +110,9 @@ pub async fn run(ctx: &Ctx, cmd: KeysCmd) -> anyhow::Result<()> {
                 .rotate(purpose, super::now(), dry_run, None)
                 .await?
                 .expect("an unconditional rotation always happens");
+            if !dry_run {
+                crate::sync::publisher::publish_after_change(&app).await;
+            }
             if ctx.json {
                 print_json(&outcome)
             } else {

@@ -13,6 +13,7 @@ mod run;
 mod secrets;
 mod status;
 mod token;
+pub(crate) mod sync;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -111,6 +112,9 @@ pub enum Command {
     /// The audit log: verify its hash chain, read it, checkpoint it.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Redis sync: status (outbox, epochs, per-instance lag) and publishing by hand.
+    #[command(subcommand)]
+    Sync(sync::SyncCmd),
 }
 
 /// What every command gets: the parsed global flags.
@@ -192,6 +196,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => token::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Audit(cmd) => audit::run(&ctx, cmd).await,
+        Command::Sync(cmd) => sync::run(&ctx, cmd).await,
     }
 }
 

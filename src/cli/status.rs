@@ -47,13 +47,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         .collect();
     let jobs = jobs_status(&app, now).await?;
     let epoch = app.store.epoch().await?;
-    let redis = if app.config.redis.url.is_empty() {
-        "not configured: events wait in the outbox".to_string()
-    } else {
-        "configured".to_string()
-    };
     let audit = audit_health(&app).await;
+    let sync = crate::sync::sync_lag(&app).await?;
     if ctx.json {
+        let redis = if !sync.configured {
+            "not configured: events wait in the outbox"
+        } else if sync.reachable {
+            "reachable"
+        } else {
+            "unreachable: events wait in the outbox"
+        };
         print_json(&serde_json::json!({
             "audit": audit,
             "store": crate::store::redact_url(&app.paths.database_url),
@@ -61,6 +64,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "root_kid": app.roots.newest().id(),
             "epoch": epoch,
             "redis": redis,
+            "outbox_backlog": sync.outbox.events,
+            "sync": sync,
             "keyring": purposes,
             "jobs": jobs,
         }))?;
@@ -75,8 +80,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         app.root_source,
         app.roots.newest().id()
     );
-    println!("epoch:    {epoch}");
-    println!("redis:    {redis}");
+    // Epochs (store and Redis), Redis, outbox backlog and sync lag.
+    super::sync::print_summary(&sync);
     println!("audit:    {}", audit["summary"].as_str().unwrap_or("-"));
     println!();
     println!(

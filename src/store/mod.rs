@@ -11,6 +11,7 @@
 pub mod job_runs;
 pub mod audit;
 pub mod keys;
+pub mod outbox;
 pub mod secrets;
 pub mod tokens;
 

@@ -7,3 +7,4 @@ mod audit;
 mod keyring;
 mod tokens;
 mod worker;
+mod sync;
