@@ -6,8 +6,11 @@
 //! - `config`, `duration`: config file + environment into validated types.
 //! - `store`: sqlx repositories over SQLite and PostgreSQL.
 //! - `app`: the service that ties config, store and root keys together.
+//! - `alerts`: rules (pure) and the email/Slack/webhook channels.
+//! - `http`: the worker's HTTP endpoint (health, metrics, JWKS, admin).
 //! - `cli`: the command line (one file per command group).
 
+pub mod alerts;
 pub mod app;
 pub mod audit;
 pub mod cli;

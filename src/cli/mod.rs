@@ -2,6 +2,7 @@
 //! file per command group. `main` parses, calls `run`, and turns the error
 //! into a message and an exit status once.
 
+mod alerts;
 mod apikey;
 mod config_cmd;
 mod crypt;
@@ -100,6 +101,9 @@ pub enum Command {
     /// keywarden's own API keys: create, list, revoke, verify.
     #[command(subcommand)]
     Apikey(apikey::ApikeyCmd),
+    /// Alert rules, their state, delivery history and channel tests.
+    #[command(subcommand)]
+    Alerts(alerts::AlertsCmd),
 }
 
 /// What every command gets: the parsed global flags.
@@ -178,6 +182,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
         Command::Token(cmd) => token::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
+        Command::Alerts(cmd) => alerts::run(&ctx, cmd).await,
     }
 }
 

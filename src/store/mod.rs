@@ -8,6 +8,7 @@
 //! Nothing here holds key material unwrapped: the `keys` table stores only
 //! Fernet tokens made with the root key.
 
+pub mod alerts;
 pub mod keys;
 pub mod secrets;
 pub mod tokens;
@@ -50,6 +51,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "tokens",
         include_str!("../../migrations/sqlite/0005_tokens.sql"),
     ),
+    (
+        7,
+        "alerts",
+        include_str!("../../migrations/sqlite/0007_alerts.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -61,6 +67,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "tokens",
         include_str!("../../migrations/postgres/0005_tokens.sql"),
+    ),
+    (
+        7,
+        "alerts",
+        include_str!("../../migrations/postgres/0007_alerts.sql"),
     ),
 ];
 
