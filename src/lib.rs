@@ -18,6 +18,7 @@ pub mod config;
 pub mod crypto;
 pub mod duration;
 pub mod error;
+pub mod http;
 pub mod keyring;
 pub mod scheduler;
 pub mod store;

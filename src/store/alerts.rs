@@ -218,3 +218,31 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
+
+impl Store {
+    /// Failed rotations of a purpose, from the recorded events.
+    pub async fn count_rotation_failures(&self, purpose: &str) -> anyhow::Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM alert_events WHERE name = 'rotation_failed' AND subject = $1",
+        )
+        .bind(purpose)
+        .fetch_one(self.pool())
+        .await
+        .context("counting failed rotations")?;
+        Ok(row.get(0))
+    }
+
+    /// Deliveries by channel and status.
+    pub async fn delivery_counts(&self) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT channel, status, COUNT(*) FROM alert_deliveries GROUP BY channel, status ORDER BY channel, status",
+        )
+        .fetch_all(self.pool())
+        .await
+        .context("counting alert deliveries")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+}
