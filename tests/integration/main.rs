@@ -4,5 +4,6 @@
 mod support;
 
 mod alerts;
+mod http;
 mod keyring;
 mod tokens;
