@@ -9,6 +9,7 @@ mod crypt;
 mod init;
 mod keys;
 mod secrets;
+mod serve;
 mod status;
 mod token;
 
@@ -104,6 +105,8 @@ pub enum Command {
     /// Alert rules, their state, delivery history and channel tests.
     #[command(subcommand)]
     Alerts(alerts::AlertsCmd),
+    /// Serve the HTTP endpoint (health, metrics, JWKS, admin routes) without running jobs.
+    Serve(serve::ServeArgs),
 }
 
 /// What every command gets: the parsed global flags.
@@ -183,6 +186,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => token::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Alerts(cmd) => alerts::run(&ctx, cmd).await,
+        Command::Serve(args) => serve::run(&ctx, args).await,
     }
 }
 

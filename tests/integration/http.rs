@@ -301,3 +301,40 @@ fn readyz_says_503_when_redis_is_unreachable() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("unreachable"));
 }
+
+#[test]
+fn keywarden_serve_answers_curl_style_requests_and_stops_on_sigterm() {
+    let env = Env::new(crate::support::Backend::Sqlite).unwrap();
+    env.init();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = env
+        .cmd(&["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let body = crate::support::rt().block_on(async {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        body.contains("# TYPE keywarden_outbox_backlog gauge"),
+        "{body}"
+    );
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
