@@ -183,11 +183,23 @@ pub async fn check_alerts_with(
                 None
             }
         };
-        let state = states.get(&rule.name).cloned().unwrap_or_default();
+        let stored = states.get(&rule.name);
+        let state = stored.cloned().unwrap_or_default();
         let observation = value.map_or(Observation::NoData, Observation::Value);
-        let (next, notes) = rules::evaluate(rule, &state, observation, now);
-        if next != state {
-            app.store.save_alert_state(&rule.name, &next, now).await?;
+        let (next, mut notes) = rules::evaluate(rule, &state, observation, now);
+        if next != state
+            && !app
+                .store
+                .save_alert_state(&rule.name, stored, &next, now)
+                .await?
+        {
+            // Another evaluation changed this rule since we read it: it
+            // has sent (or will send) what there is to send.
+            tracing::info!(
+                alert.rule = rule.name.as_str(),
+                "rule state changed concurrently; not notifying"
+            );
+            notes.clear();
         }
         let kinds = notes.iter().map(|n| n.kind.as_str().to_string()).collect();
         for n in notes {

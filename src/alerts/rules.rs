@@ -10,7 +10,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ALERT_FIGURES, AlertRuleConfig, AlertsConfig};
+use crate::config::{AlertRuleConfig, AlertsConfig};
 
 /// A health figure a rule can watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -304,8 +304,6 @@ pub fn rules_from_config(config: &AlertsConfig) -> Vec<Rule> {
     for c in &config.rules {
         if let Some(rule) = rules.iter_mut().find(|r| r.name == c.name) {
             apply(rule, c);
-        } else if ALERT_FIGURES.contains(&c.name.as_str()) {
-            // A seed name is always among the seed rules; nothing to add.
         } else {
             let figure = c
                 .figure

@@ -69,31 +69,56 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes a rule's state.
+    /// Writes a rule's state if it is still `old` (compare-and-set on the
+    /// fields that change when a notification is sent; `None`: no row yet).
+    /// Returns whether this write won: a concurrent evaluation that got
+    /// there first makes it return false, and the caller sends nothing.
     pub async fn save_alert_state(
         &self,
         rule: &str,
-        state: &RuleState,
+        old: Option<&RuleState>,
+        new: &RuleState,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<()> {
-        sqlx::query(
-            "INSERT INTO alert_state (rule, status, since, last_notified, escalated, last_value, last_fired, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (rule) DO UPDATE SET status = $2, since = $3, last_notified = $4, \
-             escalated = $5, last_value = $6, last_fired = $7, updated_at = $8",
-        )
-        .bind(rule)
-        .bind(state.status.as_str())
-        .bind(state.since.map(to_unix))
-        .bind(state.last_notified.map(to_unix))
-        .bind(i64::from(state.escalated))
-        .bind(state.last_value)
-        .bind(state.last_fired.map(to_unix))
-        .bind(to_unix(now))
-        .execute(self.pool())
-        .await
+    ) -> anyhow::Result<bool> {
+        let t = |v: Option<chrono::DateTime<chrono::Utc>>| v.map(to_unix);
+        let done = match old {
+            None => sqlx::query(
+                "INSERT INTO alert_state (rule, status, since, last_notified, escalated, last_value, last_fired, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (rule) DO NOTHING",
+            )
+            .bind(rule)
+            .bind(new.status.as_str())
+            .bind(t(new.since))
+            .bind(t(new.last_notified))
+            .bind(i64::from(new.escalated))
+            .bind(new.last_value)
+            .bind(t(new.last_fired))
+            .bind(to_unix(now))
+            .execute(self.pool())
+            .await,
+            Some(old) => sqlx::query(
+                "UPDATE alert_state SET status = $2, since = $3, last_notified = $4, escalated = $5, \
+                 last_value = $6, last_fired = $7, updated_at = $8 \
+                 WHERE rule = $1 AND status = $9 AND COALESCE(since, -1) = $10 \
+                 AND COALESCE(last_notified, -1) = $11 AND escalated = $12",
+            )
+            .bind(rule)
+            .bind(new.status.as_str())
+            .bind(t(new.since))
+            .bind(t(new.last_notified))
+            .bind(i64::from(new.escalated))
+            .bind(new.last_value)
+            .bind(t(new.last_fired))
+            .bind(to_unix(now))
+            .bind(old.status.as_str())
+            .bind(t(old.since).unwrap_or(-1))
+            .bind(t(old.last_notified).unwrap_or(-1))
+            .bind(i64::from(old.escalated))
+            .execute(self.pool())
+            .await,
+        }
         .with_context(|| format!("saving the state of alert rule {rule}"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records one delivery outcome.
