@@ -381,7 +381,8 @@ async fn render_metrics(s: &Shared) -> anyhow::Result<String> {
 /// Why an admin request was refused.
 enum Denied {
     Unauthorized(String),
-    Forbidden(String),
+    /// With the id of the key that lacked the scope.
+    Forbidden(String, String),
 }
 
 /// Checks the bearer key and its scope. A key with scope `*` may do
@@ -409,17 +410,20 @@ async fn authorize(
                     if row.scopes.iter().any(|s| s == scope || s == "*") {
                         return Ok(row.id);
                     }
-                    Denied::Forbidden(format!(
-                        "API key {} lacks the scope {scope} this route needs",
-                        row.id
-                    ))
+                    Denied::Forbidden(
+                        format!(
+                            "API key {} lacks the scope {scope} this route needs",
+                            row.id
+                        ),
+                        row.id,
+                    )
                 }
             },
         },
     };
-    let (status, reason) = match denied {
-        Denied::Unauthorized(r) => (StatusCode::UNAUTHORIZED, r),
-        Denied::Forbidden(r) => (StatusCode::FORBIDDEN, r),
+    let (status, reason, key_id) = match denied {
+        Denied::Unauthorized(r) => (StatusCode::UNAUTHORIZED, r, None),
+        Denied::Forbidden(r, id) => (StatusCode::FORBIDDEN, r, Some(id)),
     };
     tracing::warn!(
         http.route = route,
@@ -428,7 +432,7 @@ async fn authorize(
         "access denied"
     );
     if let Some(f) = &s.hooks.access_denied {
-        f(route.to_string(), reason.clone(), None).await;
+        f(route.to_string(), reason.clone(), key_id).await;
     }
     let mut resp = error(status, reason);
     if status == StatusCode::UNAUTHORIZED {
@@ -508,10 +512,10 @@ async fn revoke(
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
         }
     };
-    if body.reason.trim().is_empty() {
+    if body.reason.trim().is_empty() || body.reason.len() > 500 {
         return error(
             StatusCode::BAD_REQUEST,
-            "a reason is required: {\"reason\": \"...\"}",
+            "a reason of 1 to 500 characters is required: {\"reason\": \"...\"}",
         );
     }
     match revoke_key(&s.app, &kid, &body.reason).await {
