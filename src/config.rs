@@ -411,7 +411,94 @@ pub struct AlertsConfig {
     pub slack: SlackConfig,
     /// `[alerts.webhook]`.
     pub webhook: WebhookConfig,
+    /// `[alerts.delivery]`: retries, backoff and timeouts for every channel.
+    pub delivery: DeliveryConfig,
+    /// `[[alerts.rules]]`: overrides of the seed rules (same `name`) and
+    /// extra rules; the four seed rules apply without any entry.
+    pub rules: Vec<AlertRuleConfig>,
 }
+
+/// `[alerts.delivery]`: how hard a channel is tried before its message goes
+/// to the dead letters. Milliseconds, so tests can make it quick.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Attempts per message and channel, the first included.
+    pub attempts: u32,
+    /// Delay before the first retry; it doubles on each retry (with jitter).
+    pub backoff_ms: u64,
+    /// Upper bound of one delay, also for a `Retry-After` the receiver asks for.
+    pub max_backoff_ms: u64,
+    /// One attempt is abandoned after this long.
+    pub timeout_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            attempts: 5,
+            backoff_ms: 1000,
+            max_backoff_ms: 60_000,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A number in the config that compares equal bit for bit (NaN is refused
+/// by the schema check, so `Eq` holds).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Number(pub f64);
+
+impl Eq for Number {}
+
+/// One `[[alerts.rules]]` entry. With the `name` of a seed rule
+/// (`verification_failure_rate`, `signing_latency`, `sync_lag`,
+/// `rotation_success_rate`) it overrides the keys it gives; with a new name
+/// it adds a rule and must give `figure` and `threshold`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRuleConfig {
+    /// Unique rule name.
+    pub name: String,
+    /// What is measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figure: Option<String>,
+    /// `above` or `below` the threshold is bad.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<String>,
+    /// In the figure's unit (percent, milliseconds, seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<Number>,
+    /// How far back the figure looks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
+    /// `info`, `warning` or `critical`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+    /// Where it goes; empty: every configured channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<String>>,
+    /// A still-firing rule reminds this often; 0s: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown: Option<Duration>,
+    /// Still firing after this long: also sent to `escalate_channels`; 0s: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalate_after: Option<Duration>,
+    /// The escalation channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalate_channels: Option<Vec<String>>,
+}
+
+/// Names of the figures a rule can watch.
+pub const ALERT_FIGURES: &[&str] = &[
+    "verification_failure_rate",
+    "signing_latency",
+    "sync_lag",
+    "rotation_success_rate",
+];
+/// Names of the alert channels.
+pub const ALERT_CHANNELS: &[&str] = &["email", "slack", "webhook"];
 
 /// `[alerts.email]`: SMTP delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -787,6 +874,39 @@ impl Config {
 
     /// Rules that relate several values, checked on the typed config.
     fn check_cross_field(&self, origins: &Origins) -> Result<(), ConfigError> {
+        let rules = &self.alerts.rules;
+        for (i, rule) in rules.iter().enumerate() {
+            let path = format!("alerts.rules[{i}]");
+            if let Some(first) = rules[..i].iter().position(|r| r.name == rule.name) {
+                return Err(bad(
+                    origins,
+                    &format!("{path}.name"),
+                    format!(
+                        "{:?} is already the name of alerts.rules[{first}]; rule names must be unique",
+                        rule.name
+                    ),
+                ));
+            }
+            let seed = ALERT_FIGURES.contains(&rule.name.as_str());
+            if !seed && (rule.figure.is_none() || rule.threshold.is_none()) {
+                return Err(bad(
+                    origins,
+                    &format!("{path}.name"),
+                    format!(
+                        "{:?} is not a seed rule ({}), so it must give figure and threshold",
+                        rule.name,
+                        ALERT_FIGURES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if self.alerts.delivery.max_backoff_ms < self.alerts.delivery.backoff_ms {
+            return Err(bad(
+                origins,
+                "alerts.delivery.max_backoff_ms",
+                "must be at least alerts.delivery.backoff_ms".to_string(),
+            ));
+        }
         let targets = &self.reencrypt.targets;
         for (i, target) in targets.iter().enumerate() {
             let path = format!("reencrypt.targets[{i}]");
@@ -990,7 +1110,10 @@ fn resolve(segments: &[&str]) -> Option<Kind> {
 /// string "123"; others take the text as a TOML integer, boolean or array
 /// literal when it is one (`["a@x","b@y"]`, `8192`).
 fn env_value(kind: Kind, raw: &str) -> Value {
-    let literal_allowed = matches!(kind, Kind::Int { .. } | Kind::Sections(_) | Kind::EmailList);
+    let literal_allowed = matches!(
+        kind,
+        Kind::Int { .. } | Kind::Number | Kind::Sections(_) | Kind::EmailList | Kind::ChoiceList(_)
+    );
     if literal_allowed
         && let Ok(value) = raw.parse::<Value>()
         && matches!(
@@ -1073,6 +1196,10 @@ enum Kind {
     TargetName,
     /// A SQL condition.
     Filter,
+    /// A finite number (integer or float).
+    Number,
+    /// An array of strings, each one of a fixed set.
+    ChoiceList(&'static [&'static str]),
 }
 
 impl Kind {
@@ -1212,6 +1339,48 @@ const SCHEMA: &[Field] = &[
             key(
                 "webhook",
                 Kind::Section(&[key("url", WEB_URL), key("secret_env", Kind::EnvName)]),
+            ),
+            key(
+                "delivery",
+                Kind::Section(&[
+                    key("attempts", Kind::Int { min: 1, max: 100 }),
+                    key(
+                        "backoff_ms",
+                        Kind::Int {
+                            min: 1,
+                            max: 3_600_000,
+                        },
+                    ),
+                    key(
+                        "max_backoff_ms",
+                        Kind::Int {
+                            min: 1,
+                            max: 86_400_000,
+                        },
+                    ),
+                    key(
+                        "timeout_ms",
+                        Kind::Int {
+                            min: 1,
+                            max: 600_000,
+                        },
+                    ),
+                ]),
+            ),
+            key(
+                "rules",
+                Kind::Sections(&[
+                    required("name", Kind::TargetName),
+                    key("figure", Kind::Choice(ALERT_FIGURES)),
+                    key("comparison", Kind::Choice(&["above", "below"])),
+                    key("threshold", Kind::Number),
+                    key("window", INTERVAL),
+                    key("severity", Kind::Choice(&["info", "warning", "critical"])),
+                    key("channels", Kind::ChoiceList(ALERT_CHANNELS)),
+                    key("cooldown", DURATION),
+                    key("escalate_after", DURATION),
+                    key("escalate_channels", Kind::ChoiceList(ALERT_CHANNELS)),
+                ]),
             ),
         ]),
     ),
@@ -1472,6 +1641,37 @@ fn check_value(
             )),
             None => fail(format!("expected a target name, got {}", got())),
         },
+        Kind::Number => match value {
+            Value::Integer(_) => Ok(()),
+            Value::Float(f) if f.is_finite() => Ok(()),
+            _ => fail(format!("expected a finite number, got {}", got())),
+        },
+        Kind::ChoiceList(choices) => {
+            let Some(items) = value.as_array() else {
+                return fail(format!(
+                    "expected an array of: {}, got {}",
+                    choices.join(", "),
+                    got()
+                ));
+            };
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str() {
+                    Some(s) if choices.contains(&s) => {}
+                    _ => {
+                        return Err(bad(
+                            origins,
+                            &format!("{path}[{i}]"),
+                            format!(
+                                "{} is not one of: {}",
+                                describe(item, false),
+                                choices.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
         Kind::Filter => match value.as_str() {
             Some(s) if !s.contains(';') => Ok(()),
             Some(s) => fail(format!(
@@ -1692,6 +1892,29 @@ webhook_url = ""                # Slack incoming-webhook URL (a secret); empty: 
 url = ""                        # URL alerts are POSTed to as signed JSON; empty: webhook alerts off
 secret_env = ""                 # name of the env var holding the HMAC signing secret
 
+[alerts.delivery]               # for every channel: retries with exponential backoff and jitter
+attempts = 5                    # attempts per message, the first included; then a dead letter
+backoff_ms = 1000               # delay before the first retry; doubles each retry
+max_backoff_ms = 60000          # cap of one delay, also of a receiver's Retry-After
+timeout_ms = 10000              # one attempt is abandoned after this long
+
+# Alert rules. The seed's four apply without any entry: verification_failure_rate
+# (> 1 % over 5m, warning), signing_latency (> 100 ms, critical), sync_lag
+# (> 5 s, warning), rotation_success_rate (< 95 % over 30d, critical). An entry
+# with one of those names overrides the keys it gives; a new name adds a rule
+# (figure and threshold required). Remove the leading "# " to use this example.
+# [[alerts.rules]]
+# name = "signing_latency"         # unique
+# figure = "signing_latency"       # verification_failure_rate | signing_latency | sync_lag | rotation_success_rate
+# comparison = "above"             # above | below: which side of the threshold is bad
+# threshold = 250                  # in the figure's unit: percent, milliseconds, seconds
+# window = "5m"                    # how far back the figure looks
+# severity = "critical"            # info | warning | critical
+# channels = ["slack"]             # email | slack | webhook; empty: every configured channel
+# cooldown = "1h"                  # a still-firing rule reminds this often; 0s: never
+# escalate_after = "30m"           # still firing this long: also to escalate_channels; 0s: never
+# escalate_channels = ["email", "webhook"]
+
 [audit]
 retention = "365d"              # audit rows older than this may be pruned after a checkpoint
 checkpoint_dir = ""             # empty: <data-dir>/checkpoints
@@ -1815,6 +2038,59 @@ secret_env = ""             # name of the env var holding the HMAC signing secre
         v
     }
 
+    fn sample_rule() -> AlertRuleConfig {
+        AlertRuleConfig {
+            name: "x".into(),
+            figure: Some("sync_lag".into()),
+            comparison: Some("above".into()),
+            threshold: Some(Number(1.5)),
+            window: Some(Duration::from_mins(5)),
+            severity: Some("warning".into()),
+            channels: Some(vec!["slack".into()]),
+            cooldown: Some(Duration::from_hours(1)),
+            escalate_after: Some(Duration::ZERO),
+            escalate_channels: Some(vec!["email".into()]),
+        }
+    }
+
+    #[test]
+    fn alert_rules_are_checked_and_named_in_errors() {
+        let c = from_file(
+            "[[alerts.rules]]\nname = \"signing_latency\"\nthreshold = 250\n\n[[alerts.rules]]\nname = \"lag2\"\nfigure = \"sync_lag\"\nthreshold = 2.5\nchannels = [\"slack\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.alerts.rules[0].threshold, Some(Number(250.0)));
+        assert_eq!(c.alerts.rules[1].threshold, Some(Number(2.5)));
+        assert!(
+            err_text(from_file(
+                "[[alerts.rules]]\nname = \"new\"\nthreshold = 1\n"
+            ))
+            .contains("must give figure and threshold")
+        );
+        assert!(
+            err_text(from_file(
+                "[[alerts.rules]]\nname = \"sync_lag\"\nchannels = [\"pager\"]\n"
+            ))
+            .contains(
+                "alerts.rules[0].channels[0]: string \"pager\" is not one of: email, slack, webhook"
+            )
+        );
+        assert!(
+            err_text(from_file(
+                "[[alerts.rules]]\nname = \"sync_lag\"\nthreshold = \"5\"\n"
+            ))
+            .contains("alerts.rules[0].threshold: expected a finite number")
+        );
+        assert!(
+            err_text(from_file(
+                "[[alerts.rules]]\nname = \"sync_lag\"\n[[alerts.rules]]\nname = \"sync_lag\"\n"
+            ))
+            .contains("rule names must be unique")
+        );
+        let c = from_env(&[("KEYWARDEN_ALERTS__DELIVERY__ATTEMPTS", "2")]).unwrap();
+        assert_eq!(c.alerts.delivery.attempts, 2);
+    }
+
     fn sample_target() -> ReencryptTarget {
         ReencryptTarget {
             name: "app_secrets".into(),
@@ -1891,7 +2167,8 @@ secret_env = ""             # name of the env var holding the HMAC signing secre
         let mut out = String::new();
         let mut in_example = false;
         for line in Config::default_annotated().lines() {
-            if line.starts_with("# [[reencrypt.targets]]") {
+            if line.starts_with("# [[reencrypt.targets]]") || line.starts_with("# [[alerts.rules]]")
+            {
                 in_example = true;
             }
             if in_example && line.is_empty() {
@@ -1920,12 +2197,14 @@ secret_env = ""             # name of the env var holding the HMAC signing secre
         // The example target is itself a valid config.
         let c = Config::from_sources(Some((Path::new("default"), &text)), &[]).unwrap();
         assert_eq!(c.reencrypt.targets[0].name, "app_secrets");
+        assert_eq!(c.alerts.rules[0].name, "signing_latency");
     }
 
     #[test]
     fn schema_lists_exactly_the_keys_of_the_config_struct() {
         let mut c = Config::default();
         c.reencrypt.targets.push(sample_target());
+        c.alerts.rules.push(sample_rule());
         let table = Table::try_from(&c).unwrap();
         let mut from_struct = Vec::new();
         leaf_paths(&table, "", &mut from_struct);

@@ -9,8 +9,11 @@
 //! - `scheduler`: job definitions, the one-run-per-tick claim, the worker loop.
 //! - `jobs`: what each job kind does (one module per kind).
 //! - `sync`: the outbox publisher to Redis, the `KeyringCache` subscriber, sync lag.
+//! - `alerts`: rules (pure) and the email/Slack/webhook channels.
+//! - `http`: the worker's HTTP endpoint (health, metrics, JWKS, admin).
 //! - `cli`: the command line (one file per command group).
 
+pub mod alerts;
 pub mod app;
 pub mod audit;
 pub mod cli;
@@ -19,6 +22,7 @@ pub mod crypto;
 pub mod duration;
 pub mod error;
 pub mod jobs;
+pub mod http;
 pub mod keyring;
 pub mod scheduler;
 pub mod store;

@@ -2,6 +2,7 @@
 //! file per command group. `main` parses, calls `run`, and turns the error
 //! into a message and an exit status once.
 
+mod alerts;
 mod apikey;
 mod audit;
 mod config_cmd;
@@ -11,6 +12,7 @@ pub mod job;
 mod keys;
 mod run;
 mod secrets;
+mod serve;
 mod status;
 mod token;
 pub(crate) mod sync;
@@ -115,6 +117,11 @@ pub enum Command {
     /// Redis sync: status (outbox, epochs, per-instance lag) and publishing by hand.
     #[command(subcommand)]
     Sync(sync::SyncCmd),
+    /// Alert rules, their state, delivery history and channel tests.
+    #[command(subcommand)]
+    Alerts(alerts::AlertsCmd),
+    /// Serve the HTTP endpoint (health, metrics, JWKS, admin routes) without running jobs.
+    Serve(serve::ServeArgs),
 }
 
 /// What every command gets: the parsed global flags.
@@ -197,6 +204,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Audit(cmd) => audit::run(&ctx, cmd).await,
         Command::Sync(cmd) => sync::run(&ctx, cmd).await,
+        Command::Alerts(cmd) => alerts::run(&ctx, cmd).await,
+        Command::Serve(args) => serve::run(&ctx, args).await,
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod job_runs;
 pub mod audit;
+pub mod alerts;
 pub mod keys;
 pub mod outbox;
 pub mod secrets;
@@ -63,6 +64,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "tokens",
         include_str!("../../migrations/sqlite/0005_tokens.sql"),
     ),
+    (
+        7,
+        "alerts",
+        include_str!("../../migrations/sqlite/0007_alerts.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -84,6 +90,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "tokens",
         include_str!("../../migrations/postgres/0005_tokens.sql"),
+    ),
+    (
+        7,
+        "alerts",
+        include_str!("../../migrations/postgres/0007_alerts.sql"),
     ),
 ];
 

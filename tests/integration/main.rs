@@ -4,6 +4,8 @@
 mod support;
 
 mod audit;
+mod alerts;
+mod http;
 mod keyring;
 mod tokens;
 mod worker;
