@@ -14,8 +14,8 @@ mod run;
 mod secrets;
 mod serve;
 mod status;
-mod token;
 pub(crate) mod sync;
+mod token;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -8,9 +8,9 @@
 //! Nothing here holds key material unwrapped: the `keys` table stores only
 //! Fernet tokens made with the root key.
 
-pub mod job_runs;
-pub mod audit;
 pub mod alerts;
+pub mod audit;
+pub mod job_runs;
 pub mod keys;
 pub mod outbox;
 pub mod secrets;

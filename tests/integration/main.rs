@@ -3,10 +3,10 @@
 
 mod support;
 
-mod audit;
 mod alerts;
+mod audit;
 mod http;
 mod keyring;
+mod sync;
 mod tokens;
 mod worker;
-mod sync;
