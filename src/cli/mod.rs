@@ -6,6 +6,7 @@ mod config_cmd;
 mod crypt;
 mod init;
 mod keys;
+mod reencrypt;
 mod secrets;
 mod status;
 
@@ -89,6 +90,8 @@ pub enum Command {
     /// Store and read application secrets.
     #[command(subcommand)]
     Secrets(secrets::SecretsCmd),
+    /// Move every stored secret (and configured application table) to the active data key.
+    Reencrypt(reencrypt::ReencryptArgs),
     /// Show the effective config or print an annotated default.
     #[command(subcommand)]
     Config(config_cmd::ConfigCmd),
@@ -167,6 +170,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Encrypt(args) => crypt::encrypt(&ctx, args).await,
         Command::Decrypt => crypt::decrypt(&ctx).await,
         Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
+        Command::Reencrypt(args) => reencrypt::run(&ctx, args).await,
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
     }
 }

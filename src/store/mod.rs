@@ -38,16 +38,30 @@ pub struct Store {
 /// queue instead of failing half-way).
 pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keyring",
-    include_str!("../../migrations/sqlite/0001_keyring.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keyring",
-    include_str!("../../migrations/postgres/0001_keyring.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keyring",
+        include_str!("../../migrations/sqlite/0001_keyring.sql"),
+    ),
+    (
+        4,
+        "reencrypt",
+        include_str!("../../migrations/sqlite/0004_reencrypt.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keyring",
+        include_str!("../../migrations/postgres/0001_keyring.sql"),
+    ),
+    (
+        4,
+        "reencrypt",
+        include_str!("../../migrations/postgres/0004_reencrypt.sql"),
+    ),
+];
 
 /// Hides a database URL's password for messages.
 pub fn redact_url(url: &str) -> String {
