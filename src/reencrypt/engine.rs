@@ -162,6 +162,16 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
         anyhow::Ok(())
     };
 
+    // Said on any write failure. A batch is one transaction, so its rows
+    // are all unchanged, or (when only the commit's answer was lost) all
+    // re-encrypted: every row decrypts either way.
+    let rolled_back = || {
+        format!(
+            "re-encryption of target {} stopped: the batch being written did not commit \
+             (no row is half-written and every row still decrypts); run `keywarden reencrypt` again to resume",
+            target.name
+        )
+    };
     let writer = async move {
         let mut sum = TargetSummary::new(&target.name);
         while let Some(batch) = done_rx.recv().await {
@@ -205,10 +215,14 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                     check_active(&mut g, cx.store.backend(), &active).await?;
                     guard = Some(g);
                 }
-                let changed = target.write_batch(&mut tx, &rewrites, &active).await?;
+                let changed = target
+                    .write_batch(&mut tx, &rewrites, &active)
+                    .await
+                    .with_context(rolled_back)?;
                 tx.commit()
                     .await
-                    .with_context(|| format!("committing a batch to target {}", target.name))?;
+                    .with_context(|| format!("committing a batch to target {}", target.name))
+                    .with_context(rolled_back)?;
                 if let Some(g) = guard {
                     g.commit().await.context("releasing the active-key check")?;
                 }
