@@ -35,6 +35,12 @@ fn parse_args() -> Args {
         repeat: 3,
         distinct: 250_000,
     };
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it: then only a quick smoke run.
+    if !std::env::args().any(|a| a == "--bench") {
+        a.n = 2000;
+        a.repeat = 1;
+    }
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut v = |name: &str| -> usize {
@@ -48,7 +54,7 @@ fn parse_args() -> Args {
             "--batch" => a.batch = v("--batch").max(1),
             "--repeat" => a.repeat = v("--repeat").max(1),
             "--distinct" => a.distinct = v("--distinct").max(1),
-            _ => {} // cargo passes --bench
+            _ => {} // --bench, and anything unknown
         }
     }
     a.distinct = a.distinct.min(a.n);
@@ -94,8 +100,11 @@ fn main() {
     let load_before = loadavg1();
     let old = FernetKey::generate();
     let new = FernetKey::generate();
-    let keys = RotateKeys::new(vec![("dat_new".into(), new.clone()), ("dat_old".into(), old.clone())])
-        .unwrap();
+    let keys = RotateKeys::new(vec![
+        ("dat_new".into(), new.clone()),
+        ("dat_old".into(), old.clone()),
+    ])
+    .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     eprintln!("making {} tokens of {} B plaintext ...", a.distinct, a.len);
@@ -112,9 +121,17 @@ fn main() {
         })
         .collect();
     // Correctness on a sample, outside the timing.
-    let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    for (r, o) in rows[..100].iter().zip(keys.rotate_batch(&rows[..100], &pool1)) {
-        let Outcome::Rotated(t) = o else { panic!("{o:?}") };
+    let pool1 = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for (r, o) in rows[..100]
+        .iter()
+        .zip(keys.rotate_batch(&rows[..100], &pool1))
+    {
+        let Outcome::Rotated(t) = o else {
+            panic!("{o:?}")
+        };
         assert_eq!(new.decrypt(&t).unwrap(), old.decrypt(&r.token).unwrap());
     }
     let mut r1 = Vec::new();
