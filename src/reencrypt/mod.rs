@@ -273,17 +273,19 @@ pub async fn run_reencrypt(
             keys.active_kid
         );
         for (t, sum) in targets.iter().zip(per_target.iter_mut()) {
-            let quarantined = Arc::new(quarantine::ids(&app.store, &t.name).await?);
-            let cx = PassCtx {
-                store: &app.store,
-                keys: keys.clone(),
-                pool: pool.clone(),
-                batch_size,
-                quarantined,
-                progress: &progress,
-                now_unix: now.timestamp(),
-            };
             for _ in 0..MAX_PASSES {
+                // Read per pass, so rows quarantined by the previous pass are
+                // skipped, not counted again.
+                let quarantined = Arc::new(quarantine::ids(&app.store, &t.name).await?);
+                let cx = PassCtx {
+                    store: &app.store,
+                    keys: keys.clone(),
+                    pool: pool.clone(),
+                    batch_size,
+                    quarantined,
+                    progress: &progress,
+                    now_unix: now.timestamp(),
+                };
                 let pass = match engine::run_pass(&cx, t).await {
                     Ok(p) => p,
                     Err(e) if e.is::<ActiveKeyChanged>() && key_changes < MAX_KEY_CHANGES => {

@@ -20,9 +20,14 @@ use crate::store::{Backend, Store, redact_url};
 /// configured target names cannot, so the two never collide.
 pub const OWN_SECRETS: &str = "keywarden.secrets";
 
-/// How many rows one multi-row UPDATE carries (4 parameters a row stays far
-/// below SQLite's 32,766 and PostgreSQL's 65,535 parameter limits).
-const ROWS_PER_UPDATE: usize = 500;
+/// How many rows one multi-row UPDATE carries on PostgreSQL (3 parameters a
+/// row stays far below its 65,535 parameter limit).
+const ROWS_PER_UPDATE_PG: usize = 500;
+/// The same on SQLite, where binding costs grow with the square of the
+/// parameter count (sqlx looks each numbered parameter up by name): small
+/// statements, many of them, in the same transaction. Overridable for
+/// measurement with KEYWARDEN_REENCRYPT_SQLITE_ROWS_PER_UPDATE.
+const ROWS_PER_UPDATE_SQLITE: usize = 40;
 
 /// A row's primary key: integer or text.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -331,7 +336,15 @@ impl Target {
         new_kid: &str,
     ) -> anyhow::Result<u64> {
         let mut changed = 0;
-        for chunk in rows.chunks(ROWS_PER_UPDATE) {
+        let per_statement = match self.backend {
+            Backend::Postgres => ROWS_PER_UPDATE_PG,
+            Backend::Sqlite => std::env::var("KEYWARDEN_REENCRYPT_SQLITE_ROWS_PER_UPDATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n: &usize| (1..=5000).contains(&n))
+                .unwrap_or(ROWS_PER_UPDATE_SQLITE),
+        };
+        for chunk in rows.chunks(per_statement) {
             // VALUES rows are (id, new token, old token); both backends name
             // the columns column1, column2, column3.
             let mut values = String::new();
