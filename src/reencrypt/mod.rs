@@ -49,7 +49,7 @@ pub const DEFAULT_BATCH_SIZE: usize = 1000;
 /// Rows/s used for the `--dry-run` estimate, measured end to end on the
 /// development machine (2 cores) with the defaults.
 const ESTIMATED_ROWS_PER_SECOND: [(Backend, f64); 2] =
-    [(Backend::Sqlite, 60_000.0), (Backend::Postgres, 40_000.0)];
+    [(Backend::Sqlite, 60_000.0), (Backend::Postgres, 30_000.0)];
 
 /// What to run.
 #[derive(Clone, Debug, Default)]
