@@ -129,11 +129,17 @@ def main() -> None:
         }
 
     if "postgres" in parts:
-        ours = reencrypt_run(pg_database(args.pg_admin), args.rows)
+        db = pg_database(args.pg_admin)
+        ours = reencrypt_run(db, args.rows)
+        run(["psql", args.pg_admin, "-q", "-c", f"DROP DATABASE {db.rsplit('/', 1)[1]}"])
         dsn = args.pg_admin
         peer = json.loads(run([args.pg_python, os.path.join(args.peers, "pg_rewrite_peer.py"), "--rows", str(args.rows),
                                "--dsn", dsn, "--repeat", "1", "--table", "kw_bench_peer"]).stdout)
-        small = reencrypt_run(pg_database(args.pg_admin), args.small) if args.small else None
+        small = None
+        if args.small:
+            db = pg_database(args.pg_admin)
+            small = reencrypt_run(db, args.small)
+            run(["psql", args.pg_admin, "-q", "-c", f"DROP DATABASE {db.rsplit('/', 1)[1]}"])
         best = max(r["rows_per_s"] for r in peer["results"].values())
         report["postgres"] = {
             "keywarden": ours, "keywarden_small": small,
