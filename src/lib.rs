@@ -5,6 +5,7 @@
 //! - `crypto`: PURE, CPU-bound: Fernet, the root key envelope, JWS/JWE.
 //! - `config`, `duration`: config file + environment into validated types.
 //! - `store`: sqlx repositories over SQLite and PostgreSQL.
+//! - `reencrypt`: the re-encryption engine, census, quarantine, key import.
 //! - `app`: the service that ties config, store and root keys together.
 //! - `scheduler`: job definitions, the one-run-per-tick claim, the worker loop.
 //! - `jobs`: what each job kind does (one module per kind).
@@ -24,6 +25,7 @@ pub mod error;
 pub mod http;
 pub mod jobs;
 pub mod keyring;
+pub mod reencrypt;
 pub mod scheduler;
 pub mod store;
 pub mod sync;

@@ -28,6 +28,11 @@ pub enum KeysCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// How many stored rows each data key still protects (keywarden's
+    /// secrets and every reencrypt target), and quarantined rows.
+    Census,
+    /// Adopt an existing Fernet key as a decrypt-only (retiring) data key.
+    ImportFernet(super::reencrypt::ImportFernetArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,6 +69,8 @@ fn print_keys(keys: &[KeyMeta]) {
 
 pub async fn run(ctx: &Ctx, cmd: KeysCmd) -> anyhow::Result<()> {
     match cmd {
+        KeysCmd::Census => super::reencrypt::census(ctx).await,
+        KeysCmd::ImportFernet(args) => super::reencrypt::import_fernet(ctx, args).await,
         KeysCmd::List { purpose } => {
             let purpose = purpose.as_deref().map(parse_purpose).transpose()?;
             let app = ctx.open(OpenMode::Existing).await?;

@@ -10,6 +10,7 @@ mod crypt;
 mod init;
 pub mod job;
 mod keys;
+mod reencrypt;
 mod run;
 mod secrets;
 mod serve;
@@ -102,6 +103,8 @@ pub enum Command {
     /// Store and read application secrets.
     #[command(subcommand)]
     Secrets(secrets::SecretsCmd),
+    /// Move every stored secret (and configured application table) to the active data key.
+    Reencrypt(reencrypt::ReencryptArgs),
     /// Show the effective config or print an annotated default.
     #[command(subcommand)]
     Config(config_cmd::ConfigCmd),
@@ -199,6 +202,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Encrypt(args) => crypt::encrypt(&ctx, args).await,
         Command::Decrypt => crypt::decrypt(&ctx).await,
         Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
+        Command::Reencrypt(args) => reencrypt::run(&ctx, args).await,
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
         Command::Token(cmd) => token::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,

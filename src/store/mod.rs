@@ -60,6 +60,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0003_worker.sql"),
     ),
     (
+        4,
+        "reencrypt",
+        include_str!("../../migrations/sqlite/0004_reencrypt.sql"),
+    ),
+    (
         5,
         "tokens",
         include_str!("../../migrations/sqlite/0005_tokens.sql"),
@@ -85,6 +90,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "worker",
         include_str!("../../migrations/postgres/0003_worker.sql"),
+    ),
+    (
+        4,
+        "reencrypt",
+        include_str!("../../migrations/postgres/0004_reencrypt.sql"),
     ),
     (
         5,

@@ -7,6 +7,7 @@ mod alerts;
 mod audit;
 mod http;
 mod keyring;
+mod reencrypt;
 mod sync;
 mod tokens;
 mod worker;

@@ -1,0 +1,168 @@
+//! The re-encryption engine's CPU stage alone, in memory: how many tokens per
+//! second `RotateKeys::rotate_batch` moves from key A to key B, on 1 and on 2
+//! threads, exactly as the engine calls it (batches of rows carrying their
+//! kid, one scratch per work item, one new `String` per token).
+//!
+//! Compare with `python3 /work/shared/bench/fernet_rotate_peer.py` (Python
+//! `cryptography`'s `MultiFernet.rotate`); `bench/reencrypt_bench.sh` runs
+//! both side by side.
+//!
+//! Usage: `cargo bench --bench reencrypt_crypto -- [--n N] [--len BYTES]
+//! [--batch ROWS] [--repeat R] [--distinct D]`. N rotations are made over D
+//! distinct tokens (cycled, default min(N, 250,000)) so memory stays modest;
+//! the work per rotation is identical. One JSON object on stdout.
+
+use std::time::Instant;
+
+use keywarden::crypto::fernet::FernetKey;
+use keywarden::reencrypt::rotate::{Outcome, RotateKeys};
+use keywarden::reencrypt::target::{RowId, SourceRow};
+use rand::{Rng, SeedableRng};
+
+struct Args {
+    n: usize,
+    len: usize,
+    batch: usize,
+    repeat: usize,
+    distinct: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        n: 1_000_000,
+        len: 200,
+        batch: 1000,
+        repeat: 3,
+        distinct: 250_000,
+    };
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it: then only a quick smoke run.
+    if !std::env::args().any(|a| a == "--bench") {
+        a.n = 2000;
+        a.repeat = 1;
+    }
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut v = |name: &str| -> usize {
+            it.next()
+                .and_then(|v| v.replace('_', "").parse().ok())
+                .unwrap_or_else(|| panic!("{name} needs a positive integer"))
+        };
+        match flag.as_str() {
+            "--n" => a.n = v("--n"),
+            "--len" => a.len = v("--len"),
+            "--batch" => a.batch = v("--batch").max(1),
+            "--repeat" => a.repeat = v("--repeat").max(1),
+            "--distinct" => a.distinct = v("--distinct").max(1),
+            _ => {} // --bench, and anything unknown
+        }
+    }
+    a.distinct = a.distinct.min(a.n);
+    a
+}
+
+fn loadavg1() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Rotates `n` tokens in batches; returns rotations per second.
+fn run(keys: &RotateKeys, rows: &[SourceRow], n: usize, batch: usize, threads: usize) -> f64 {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| rayon::scope(|_| {}));
+    let t = Instant::now();
+    let mut done = 0;
+    let mut start = 0;
+    while done < n {
+        let take = batch.min(n - done).min(rows.len() - start);
+        let out = keys.rotate_batch(&rows[start..start + take], &pool);
+        assert!(matches!(out[0], Outcome::Rotated(_)));
+        done += take;
+        start = (start + take) % rows.len();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let a = parse_args();
+    let load_before = loadavg1();
+    let old = FernetKey::generate();
+    let new = FernetKey::generate();
+    let keys = RotateKeys::new(vec![
+        ("dat_new".into(), new.clone()),
+        ("dat_old".into(), old.clone()),
+    ])
+    .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    eprintln!("making {} tokens of {} B plaintext ...", a.distinct, a.len);
+    let rows: Vec<SourceRow> = (0..a.distinct)
+        .map(|i| {
+            let p: Vec<u8> = (0..a.len)
+                .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())])
+                .collect();
+            SourceRow {
+                id: RowId::Int(i as i64),
+                token: old.encrypt(&p, 1_700_000_000),
+                kid: Some("dat_old".into()),
+            }
+        })
+        .collect();
+    // Correctness on a sample, outside the timing.
+    let pool1 = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for (r, o) in rows[..100]
+        .iter()
+        .zip(keys.rotate_batch(&rows[..100], &pool1))
+    {
+        let Outcome::Rotated(t) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(new.decrypt(&t).unwrap(), old.decrypt(&r.token).unwrap());
+    }
+    let mut r1 = Vec::new();
+    let mut r2 = Vec::new();
+    for i in 0..a.repeat {
+        let x = run(&keys, &rows, a.n, a.batch, 1);
+        eprintln!("1 thread, run {}: {x:.0} rotations/s", i + 1);
+        r1.push(x);
+        let y = run(&keys, &rows, a.n, a.batch, 2);
+        eprintln!("2 threads, run {}: {y:.0} rotations/s", i + 1);
+        r2.push(y);
+    }
+    let (m1, m2) = (median(r1.clone()), median(r2.clone()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "bench": "reencrypt_crypto",
+            "impl": "keywarden::reencrypt::rotate::RotateKeys::rotate_batch (kid-directed rotate_from)",
+            "n": a.n,
+            "distinct_tokens": a.distinct,
+            "plaintext_len": a.len,
+            "batch": a.batch,
+            "ops_per_s_1t": m1.round(),
+            "ops_per_s_2t": m2.round(),
+            "ratio_2t_1t": (m2 / m1 * 1000.0).round() / 1000.0,
+            "runs_1t": r1.iter().map(|x| x.round()).collect::<Vec<_>>(),
+            "runs_2t": r2.iter().map(|x| x.round()).collect::<Vec<_>>(),
+            "cpu_count": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "loadavg1_before": load_before,
+            "loadavg1_after": loadavg1(),
+        }))
+        .unwrap()
+    );
+}

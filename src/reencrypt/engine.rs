@@ -1,0 +1,263 @@
+//! The pipeline for one target and one pass: read a batch (keyset
+//! pagination), re-encrypt it on the rayon pool, write it back with
+//! compare-and-set, with the three stages overlapping through bounded
+//! channels (so at most a few batches are in memory, whatever the table's
+//! size).
+//!
+//! ```text
+//!  reader ──(2 batches)──> crypto (spawn_blocking + rayon) ──(2 batches)──> writer
+//!  SELECT ... WHERE kid <> active                                 UPDATE ... FROM (VALUES ...)
+//!    AND id > last ORDER BY id LIMIT n                              WHERE id = v.id AND token = v.old
+//!    [FOR UPDATE SKIP LOCKED on PostgreSQL]                       + active-key check, one transaction
+//! ```
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use super::quarantine::{self, Quarantined};
+use super::rotate::{Outcome, RotateKeys};
+use super::target::{Rewrite, RowId, SourceRow, Target};
+use super::{Progress, TargetSummary};
+use crate::store::{Backend, Store, Tx};
+
+/// The active data key stopped being active during the run (a rotation
+/// happened): the run stops before writing under a demoted key and starts
+/// over with the new keys.
+#[derive(Debug, thiserror::Error)]
+#[error("the active data key {0} was demoted during the run")]
+pub struct ActiveKeyChanged(pub String);
+
+/// A batch read and, on PostgreSQL, claimed: `claim` is the transaction
+/// holding its row locks until the writer commits.
+struct ReadBatch {
+    rows: Vec<SourceRow>,
+    claim: Option<Tx>,
+}
+
+struct DoneBatch {
+    rows: Vec<SourceRow>,
+    outcomes: Vec<Outcome>,
+    skipped: u64,
+    claim: Option<Tx>,
+}
+
+/// What the engine needs besides the target.
+pub struct PassCtx<'a> {
+    pub store: &'a Store,
+    pub keys: Arc<RotateKeys>,
+    pub pool: Arc<rayon::ThreadPool>,
+    pub batch_size: usize,
+    pub quarantined: Arc<HashSet<String>>,
+    pub progress: &'a Progress,
+    pub now_unix: i64,
+}
+
+/// Checks, inside `conn`'s transaction, that `kid` is still the active data
+/// key. On PostgreSQL the row is locked `FOR SHARE`, so a rotation that
+/// demotes it waits for this batch to commit; on SQLite the write
+/// transaction already excludes it. So every row written under a key
+/// commits before that key can be demoted, and a census taken after the
+/// demotion sees it.
+async fn check_active(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    kid: &str,
+) -> anyhow::Result<()> {
+    let sql = match backend {
+        Backend::Postgres => {
+            "SELECT kid FROM keys WHERE kid = $1 AND state = 'active' AND purpose = 'data' FOR SHARE"
+        }
+        Backend::Sqlite => {
+            "SELECT kid FROM keys WHERE kid = $1 AND state = 'active' AND purpose = 'data'"
+        }
+    };
+    let row = sqlx::query(sql)
+        .bind(kid)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("checking the active data key")?;
+    match row {
+        Some(_) => Ok(()),
+        None => Err(ActiveKeyChanged(kid.to_string()).into()),
+    }
+}
+
+/// Runs one pass over `target`; returns what it did.
+pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<TargetSummary> {
+    let active = cx.keys.active_kid.clone();
+    let (read_tx, mut read_rx) = mpsc::channel::<ReadBatch>(2);
+    let (done_tx, mut done_rx) = mpsc::channel::<DoneBatch>(2);
+
+    let reader = {
+        let active = active.clone();
+        async move {
+            let mut after: Option<RowId> = None;
+            loop {
+                let (rows, claim) = match target.backend {
+                    Backend::Postgres => {
+                        let mut tx = target.begin().await?;
+                        let rows = target
+                            .read_batch(&mut tx, &active, after.as_ref(), cx.batch_size, true)
+                            .await?;
+                        (rows, Some(tx))
+                    }
+                    Backend::Sqlite => {
+                        let mut conn = target.pool.acquire().await.with_context(|| {
+                            format!("connecting to the database of target {}", target.name)
+                        })?;
+                        let rows = target
+                            .read_batch(&mut conn, &active, after.as_ref(), cx.batch_size, false)
+                            .await?;
+                        (rows, None)
+                    }
+                };
+                let Some(last) = rows.last() else {
+                    break;
+                };
+                after = Some(last.id.clone());
+                let full = rows.len() == cx.batch_size;
+                if read_tx.send(ReadBatch { rows, claim }).await.is_err() || !full {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+
+    let crypto = async move {
+        while let Some(batch) = read_rx.recv().await {
+            let keys = cx.keys.clone();
+            let pool = cx.pool.clone();
+            let quarantined = cx.quarantined.clone();
+            let rows = batch.rows;
+            let (rows, outcomes, skipped) = tokio::task::spawn_blocking(move || {
+                let before = rows.len();
+                let rows: Vec<SourceRow> = if quarantined.is_empty() {
+                    rows
+                } else {
+                    rows.into_iter()
+                        .filter(|r| !quarantined.contains(&r.id.to_string()))
+                        .collect()
+                };
+                let skipped = (before - rows.len()) as u64;
+                let outcomes = keys.rotate_batch(&rows, &pool);
+                (rows, outcomes, skipped)
+            })
+            .await
+            .context("the re-encryption worker panicked")?;
+            let done = DoneBatch {
+                rows,
+                outcomes,
+                skipped,
+                claim: batch.claim,
+            };
+            if done_tx.send(done).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+
+    // Said on any write failure. A batch is one transaction, so its rows
+    // are all unchanged, or (when only the commit's answer was lost) all
+    // re-encrypted: every row decrypts either way.
+    let rolled_back = || {
+        format!(
+            "re-encryption of target {} stopped: the batch being written did not commit \
+             (no row is half-written and every row still decrypts); run `keywarden reencrypt` again to resume",
+            target.name
+        )
+    };
+    let writer = async move {
+        let mut sum = TargetSummary::new(&target.name);
+        while let Some(batch) = done_rx.recv().await {
+            let mut rewrites = Vec::with_capacity(batch.rows.len());
+            let mut failed: Vec<Quarantined> = Vec::new();
+            let mut current = 0u64;
+            for (row, outcome) in batch.rows.into_iter().zip(batch.outcomes) {
+                match outcome {
+                    Outcome::Rotated(new_token) => rewrites.push(Rewrite {
+                        id: row.id,
+                        old_token: row.token,
+                        new_token,
+                    }),
+                    Outcome::Current => current += 1,
+                    Outcome::Failed(reason) => failed.push(Quarantined {
+                        row_id: row.id.to_string(),
+                        kid: row.kid,
+                        reason,
+                    }),
+                }
+            }
+            let scanned = rewrites.len() as u64 + current + failed.len() as u64 + batch.skipped;
+            let changed = if rewrites.is_empty() {
+                // Release a claim without writing.
+                drop(batch.claim);
+                0
+            } else {
+                let mut tx = match batch.claim {
+                    Some(tx) => tx,
+                    None => target.begin().await?,
+                };
+                // The active-key check shares the write transaction when the
+                // table is in keywarden's store; otherwise a keywarden
+                // transaction holding the check stays open until the
+                // target's batch has committed.
+                let mut guard = None;
+                if target.in_own_store {
+                    check_active(&mut tx, target.backend, &active).await?;
+                } else {
+                    let mut g = cx.store.begin().await?;
+                    check_active(&mut g, cx.store.backend(), &active).await?;
+                    guard = Some(g);
+                }
+                let changed = target
+                    .write_batch(&mut tx, &rewrites, &active)
+                    .await
+                    .with_context(rolled_back)?;
+                tx.commit()
+                    .await
+                    .with_context(|| format!("committing a batch to target {}", target.name))
+                    .with_context(rolled_back)?;
+                if let Some(g) = guard {
+                    g.commit().await.context("releasing the active-key check")?;
+                }
+                changed
+            };
+            if !failed.is_empty() {
+                quarantine::record(cx.store, &target.name, &failed, cx.now_unix).await?;
+                for f in &failed {
+                    tracing::warn!(
+                        target.name = target.name.as_str(),
+                        row.id = f.row_id.as_str(),
+                        reason = f.reason.as_str(),
+                        "row {} of {} quarantined: {}",
+                        f.row_id,
+                        target.name,
+                        f.reason
+                    );
+                }
+            }
+            let conflicted = rewrites.len() as u64 - changed;
+            sum.rows_scanned += scanned;
+            sum.rows_reencrypted += changed;
+            sum.rows_conflicted += conflicted;
+            sum.rows_failed += failed.len() as u64;
+            sum.rows_already_current += current;
+            sum.rows_skipped_quarantined += batch.skipped;
+            sum.batches += 1;
+            let p = cx.progress;
+            p.done.fetch_add(scanned, Ordering::Relaxed);
+            p.reencrypted.fetch_add(changed, Ordering::Relaxed);
+            p.failed.fetch_add(failed.len() as u64, Ordering::Relaxed);
+        }
+        anyhow::Ok(sum)
+    };
+
+    let ((), (), sum) = tokio::try_join!(reader, crypto, writer)?;
+    Ok(sum)
+}

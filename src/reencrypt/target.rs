@@ -1,0 +1,462 @@
+//! Where rows live: keywarden's own `secrets` table or one of the
+//! application's tables (`[[reencrypt.targets]]`), and the SQL that reads,
+//! counts and rewrites them.
+//!
+//! Table and column names come from validated config and are still quoted
+//! here; the only other text pasted into SQL is the operator's own `filter`
+//! (trusted config, no `;`) and numbered placeholders. Values are always
+//! bound.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::config::ReencryptTarget;
+use crate::store::{Backend, Store, redact_url};
+
+/// The name of keywarden's own secrets as a target. It contains a dot, which
+/// configured target names cannot, so the two never collide.
+pub const OWN_SECRETS: &str = "keywarden.secrets";
+
+/// How many rows one multi-row UPDATE carries on PostgreSQL (3 parameters a
+/// row stays far below its 65,535 parameter limit).
+const ROWS_PER_UPDATE_PG: usize = 500;
+/// The same on SQLite, where binding costs grow with the square of the
+/// parameter count (sqlx looks each numbered parameter up by name): small
+/// statements, many of them, in the same transaction. Overridable for
+/// measurement with KEYWARDEN_REENCRYPT_SQLITE_ROWS_PER_UPDATE.
+const ROWS_PER_UPDATE_SQLITE: usize = 40;
+
+/// A row's primary key: integer or text.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RowId {
+    Int(i64),
+    Text(String),
+}
+
+impl std::fmt::Display for RowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RowId::Int(i) => write!(f, "{i}"),
+            RowId::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One row read for re-encryption. The token is ciphertext only.
+#[derive(Clone, Debug)]
+pub struct SourceRow {
+    pub id: RowId,
+    pub token: String,
+    /// The kid column's value (None: no kid column, or NULL).
+    pub kid: Option<String>,
+}
+
+/// A re-encrypted row to write back with compare-and-set on the old token.
+#[derive(Debug)]
+pub struct Rewrite {
+    pub id: RowId,
+    pub old_token: String,
+    pub new_token: String,
+}
+
+/// A table of Fernet tokens, connected.
+#[derive(Clone)]
+pub struct Target {
+    pub name: String,
+    pub pool: AnyPool,
+    pub backend: Backend,
+    /// The table is in keywarden's own store (so the key check can share the
+    /// write transaction).
+    pub in_own_store: bool,
+    table: String,
+    id: String,
+    ct: String,
+    kid: Option<String>,
+    filter: Option<String>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Quotes an identifier (optionally `schema.table`) for SQL. The config
+/// admits only `[A-Za-z_][A-Za-z0-9_]*` parts; anything else is refused
+/// here too, so a bad name can never reach SQL.
+pub fn quote_ident(name: &str) -> anyhow::Result<String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    anyhow::ensure!(
+        parts.len() <= 2 && parts.iter().all(|p| crate::config::is_sql_identifier(p)),
+        "{name:?} is not a plain SQL identifier"
+    );
+    Ok(parts
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
+impl Target {
+    /// keywarden's own `secrets` table.
+    pub fn own_secrets(store: &Store) -> Target {
+        Target {
+            name: OWN_SECRETS.into(),
+            pool: store.pool().clone(),
+            backend: store.backend(),
+            in_own_store: true,
+            table: "\"secrets\"".into(),
+            id: "\"id\"".into(),
+            ct: "\"token\"".into(),
+            kid: Some("\"kid\"".into()),
+            filter: None,
+        }
+    }
+
+    /// A configured target, connected to its database (keywarden's store
+    /// when it names none).
+    pub async fn open(store: &Store, cfg: &ReencryptTarget) -> anyhow::Result<Target> {
+        let (pool, backend, in_own_store) = match cfg.database_url() {
+            None => (store.pool().clone(), store.backend(), true),
+            Some(url) => {
+                let (pool, backend) = connect_foreign(url)
+                    .await
+                    .with_context(|| format!("reencrypt target {}", cfg.name))?;
+                (pool, backend, false)
+            }
+        };
+        Ok(Target {
+            name: cfg.name.clone(),
+            pool,
+            backend,
+            in_own_store,
+            table: quote_ident(&cfg.table)?,
+            id: quote_ident(&cfg.id_column)?,
+            ct: quote_ident(&cfg.ciphertext_column)?,
+            kid: cfg.kid_column().map(quote_ident).transpose()?,
+            filter: cfg.filter().map(|f| format!("({f})")),
+        })
+    }
+
+    /// Whether rows say which key made them.
+    pub fn has_kid_column(&self) -> bool {
+        self.kid.is_some()
+    }
+
+    /// Begins a write transaction on the target's database.
+    pub async fn begin(&self) -> anyhow::Result<crate::store::Tx> {
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        };
+        tx.with_context(|| format!("beginning a transaction on target {}", self.name))
+    }
+
+    /// The SELECT of one batch of rows not under `active_kid`, after `after`
+    /// in id order. `lock` claims them (`FOR UPDATE SKIP LOCKED`, PostgreSQL)
+    /// so concurrent workers take disjoint batches.
+    fn select_sql(&self, after: bool, limit: usize, lock: bool) -> String {
+        let mut conds = vec![format!("{} IS NOT NULL", self.ct)];
+        let mut n = 0;
+        let mut param = || {
+            n += 1;
+            format!("${n}")
+        };
+        let cols = match &self.kid {
+            Some(kid) => {
+                conds.push(format!("({kid} IS NULL OR {kid} <> {})", param()));
+                format!("{}, {}, {kid}", self.id, self.ct)
+            }
+            None => format!("{}, {}", self.id, self.ct),
+        };
+        if after {
+            conds.push(format!("{} > {}", self.id, param()));
+        }
+        if let Some(f) = &self.filter {
+            conds.push(f.clone());
+        }
+        let mut sql = format!(
+            "SELECT {cols} FROM {} WHERE {} ORDER BY {} LIMIT {limit}",
+            self.table,
+            conds.join(" AND "),
+            self.id
+        );
+        if lock && self.backend == Backend::Postgres {
+            sql.push_str(" FOR UPDATE SKIP LOCKED");
+        }
+        sql
+    }
+
+    /// Reads the next batch (see `select_sql`) on `conn`.
+    pub async fn read_batch(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        active_kid: &str,
+        after: Option<&RowId>,
+        limit: usize,
+        lock: bool,
+    ) -> anyhow::Result<Vec<SourceRow>> {
+        let sql = self.select_sql(after.is_some(), limit, lock);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if self.kid.is_some() {
+            q = q.bind(active_kid.to_string());
+        }
+        if let Some(after) = after {
+            q = bind_id(q, after);
+        }
+        let rows = q
+            .fetch_all(&mut *conn)
+            .await
+            .with_context(|| format!("reading a batch from target {}", self.name))?;
+        rows.iter().map(|r| self.source_row(r)).collect()
+    }
+
+    fn source_row(&self, r: &AnyRow) -> anyhow::Result<SourceRow> {
+        Ok(SourceRow {
+            id: read_id(r, 0)?,
+            token: r.try_get::<String, _>(1).with_context(|| {
+                format!("target {}: the ciphertext column is not text", self.name)
+            })?,
+            kid: if self.kid.is_some() {
+                r.try_get::<Option<String>, _>(2)?
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Reads every row in id order (for the census of a table without a kid
+    /// column, or NULL kids), a batch at a time.
+    pub async fn read_all_batch(
+        &self,
+        after: Option<&RowId>,
+        limit: usize,
+        only_null_kid: bool,
+    ) -> anyhow::Result<Vec<SourceRow>> {
+        let mut conds = vec![format!("{} IS NOT NULL", self.ct)];
+        if only_null_kid && let Some(kid) = &self.kid {
+            conds.push(format!("{kid} IS NULL"));
+        }
+        if after.is_some() {
+            conds.push(format!("{} > $1", self.id));
+        }
+        if let Some(f) = &self.filter {
+            conds.push(f.clone());
+        }
+        let sql = format!(
+            "SELECT {}, {} FROM {} WHERE {} ORDER BY {} LIMIT {limit}",
+            self.id,
+            self.ct,
+            self.table,
+            conds.join(" AND "),
+            self.id
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(after) = after {
+            q = bind_id(q, after);
+        }
+        let rows = q
+            .fetch_all(&self.pool)
+            .await
+            .with_context(|| format!("reading target {}", self.name))?;
+        rows.iter()
+            .map(|r| {
+                Ok(SourceRow {
+                    id: read_id(r, 0)?,
+                    token: r.try_get(1)?,
+                    kid: None,
+                })
+            })
+            .collect()
+    }
+
+    /// Rows per kid column value (tables with a kid column); NULL kids are
+    /// returned as `None`.
+    pub async fn count_by_kid(&self) -> anyhow::Result<Vec<(Option<String>, u64)>> {
+        let kid = self.kid.as_ref().context("target has no kid column")?;
+        let mut sql = format!("SELECT {kid}, COUNT(*) FROM {}", self.table);
+        sql.push_str(&format!(" WHERE {} IS NOT NULL", self.ct));
+        if let Some(f) = &self.filter {
+            sql.push_str(&format!(" AND {f}"));
+        }
+        sql.push_str(&format!(" GROUP BY {kid}"));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .with_context(|| format!("counting rows per key in target {}", self.name))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<Option<String>, _>(0)?,
+                    r.try_get::<i64, _>(1)? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    /// An upper bound of the rows a pass visits: rows not under
+    /// `active_kid` (every row, without a kid column).
+    pub async fn count_pending(&self, active_kid: &str) -> anyhow::Result<u64> {
+        let mut conds = vec![format!("{} IS NOT NULL", self.ct)];
+        if let Some(kid) = &self.kid {
+            conds.push(format!("({kid} IS NULL OR {kid} <> $1)"));
+        }
+        if let Some(f) = &self.filter {
+            conds.push(f.clone());
+        }
+        let sql = format!(
+            "SELECT COUNT(*) FROM {} WHERE {}",
+            self.table,
+            conds.join(" AND ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if self.kid.is_some() {
+            q = q.bind(active_kid.to_string());
+        }
+        let row = q
+            .fetch_one(&self.pool)
+            .await
+            .with_context(|| format!("counting rows of target {}", self.name))?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+
+    /// Writes re-encrypted rows with compare-and-set on the old token, in
+    /// the caller's transaction. Returns how many rows changed (a row the
+    /// application changed meanwhile does not match and is left alone).
+    pub async fn write_batch(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        rows: &[Rewrite],
+        new_kid: &str,
+    ) -> anyhow::Result<u64> {
+        let mut changed = 0;
+        let per_statement = match self.backend {
+            Backend::Postgres => ROWS_PER_UPDATE_PG,
+            Backend::Sqlite => std::env::var("KEYWARDEN_REENCRYPT_SQLITE_ROWS_PER_UPDATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n: &usize| (1..=5000).contains(&n))
+                .unwrap_or(ROWS_PER_UPDATE_SQLITE),
+        };
+        for chunk in rows.chunks(per_statement) {
+            // VALUES rows are (id, new token, old token); both backends name
+            // the columns column1, column2, column3.
+            let mut values = String::new();
+            for i in 0..chunk.len() {
+                let b = i * 3;
+                if i > 0 {
+                    values.push(',');
+                }
+                values.push_str(&format!("(${}, ${}, ${})", b + 1, b + 2, b + 3));
+            }
+            let set = match &self.kid {
+                Some(kid) => format!("{} = v.column2, {kid} = ${}", self.ct, chunk.len() * 3 + 1),
+                None => format!("{} = v.column2", self.ct),
+            };
+            let sql = format!(
+                "UPDATE {table} AS t SET {set} FROM (VALUES {values}) AS v \
+                 WHERE t.{id} = v.column1 AND t.{ct} = v.column3",
+                table = self.table,
+                id = self.id,
+                ct = self.ct,
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = bind_id(q, &r.id)
+                    .bind(r.new_token.as_str())
+                    .bind(r.old_token.as_str());
+            }
+            if self.kid.is_some() {
+                q = q.bind(new_kid);
+            }
+            let done = q
+                .execute(&mut *conn)
+                .await
+                .with_context(|| format!("writing a batch to target {}", self.name))?;
+            changed += done.rows_affected();
+        }
+        Ok(changed)
+    }
+}
+
+/// Binds a row id with its own type.
+fn bind_id<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    id: &RowId,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    match id {
+        RowId::Int(i) => q.bind(*i),
+        RowId::Text(s) => q.bind(s.clone()),
+    }
+}
+
+/// Reads an integer or text id.
+fn read_id(r: &AnyRow, i: usize) -> anyhow::Result<RowId> {
+    if let Ok(v) = r.try_get::<i64, _>(i) {
+        return Ok(RowId::Int(v));
+    }
+    r.try_get::<String, _>(i)
+        .map(RowId::Text)
+        .context("the id column is neither an integer nor text")
+}
+
+/// Connects to an application database named by a target.
+async fn connect_foreign(url: &str) -> anyhow::Result<(AnyPool, Backend)> {
+    sqlx::any::install_default_drivers();
+    let shown = redact_url(url);
+    let backend = if url.starts_with("sqlite:") {
+        Backend::Sqlite
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Backend::Postgres
+    } else {
+        anyhow::bail!("database URL {shown} is not supported (use sqlite:PATH or postgres://...)");
+    };
+    let mut url = url.to_string();
+    if backend == Backend::Sqlite && !url.contains('?') {
+        // Never create an application database that is not there.
+        url.push_str("?mode=rw");
+    }
+    let options: AnyConnectOptions = url
+        .parse()
+        .with_context(|| format!("invalid database URL {shown}"))?;
+    let mut pool_options = AnyPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(15));
+    if backend == Backend::Sqlite {
+        // The application's database keeps its own journal mode: only wait
+        // for its writers instead of failing.
+        pool_options = pool_options.after_connect(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::query("PRAGMA busy_timeout = 15000")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        });
+    }
+    let pool = pool_options
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to the database at {shown}"))?;
+    Ok((pool, backend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_and_anything_else_is_refused() {
+        assert_eq!(quote_ident("user_secrets").unwrap(), "\"user_secrets\"");
+        assert_eq!(quote_ident("app.t1").unwrap(), "\"app\".\"t1\"");
+        for bad in ["a\"b", "a;b", "a.b.c", "", "1a", "a b"] {
+            assert!(quote_ident(bad).is_err(), "{bad}");
+        }
+    }
+}
