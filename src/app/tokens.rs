@@ -375,6 +375,18 @@ impl App {
             revoked_at: None,
             last_used_at: None,
         };
+        // Audit first: if the row cannot be written, no key is made.
+        let name_hmac = self.redact(name).await?;
+        self.audit_now(
+            vec![crate::audit::events::apikey_created(
+                &row.id,
+                &name_hmac,
+                &row.scopes,
+                row.expires_at.map(|t| t.timestamp()),
+            )],
+            now,
+        )
+        .await?;
         self.store.insert_api_key(&row).await?;
         Ok((row, key))
     }
@@ -397,6 +409,8 @@ impl App {
             return Ok(Err(ApiKeyError::Malformed));
         }
         let Some(row) = self.store.api_key(id).await? else {
+            self.audit_bump(crate::audit::action::APIKEY_REJECTED, "unknown", now);
+            self.flush_audit_counters(now).await?;
             return Ok(Err(ApiKeyError::Unknown));
         };
         let presented = hex::encode(crypto::sha256(key.as_bytes()));
@@ -406,14 +420,24 @@ impl App {
         )
         .is_err()
         {
+            self.audit_bump(crate::audit::action::APIKEY_REJECTED, "unknown", now);
+            self.flush_audit_counters(now).await?;
             return Ok(Err(ApiKeyError::Unknown));
         }
-        if row.revoked_at.is_some() {
-            return Ok(Err(ApiKeyError::Revoked(row.id)));
+        let refused = if row.revoked_at.is_some() {
+            Some(("revoked", ApiKeyError::Revoked(row.id.clone())))
+        } else if row.expires_at.is_some_and(|e| now >= e) {
+            Some(("expired", ApiKeyError::Expired(row.id.clone())))
+        } else {
+            None
+        };
+        if let Some((reason, err)) = refused {
+            self.audit_bump(crate::audit::action::APIKEY_REJECTED, reason, now);
+            self.flush_audit_counters(now).await?;
+            return Ok(Err(err));
         }
-        if row.expires_at.is_some_and(|e| now >= e) {
-            return Ok(Err(ApiKeyError::Expired(row.id)));
-        }
+        self.audit_bump(crate::audit::action::APIKEY_USED, &row.id, now);
+        self.flush_audit_counters(now).await?;
         self.store.touch_api_key(&row.id, now.timestamp()).await?;
         Ok(Ok(row))
     }

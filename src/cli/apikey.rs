@@ -82,6 +82,19 @@ pub async fn run(ctx: &Ctx, cmd: ApikeyCmd) -> anyhow::Result<()> {
         }
         ApikeyCmd::Revoke { id } => {
             let app = ctx.open(OpenMode::Existing).await?;
+            if app
+                .store
+                .api_key(&id)
+                .await?
+                .is_none_or(|k| k.revoked_at.is_some())
+            {
+                return Err(UsageError(format!(
+                    "no unrevoked API key with id {id:?} (see `keywarden apikey list`)"
+                ))
+                .into());
+            }
+            app.audit_now(vec![crate::audit::events::apikey_revoked(&id)], now)
+                .await?;
             if !app.store.revoke_api_key(&id, now.timestamp()).await? {
                 return Err(UsageError(format!(
                     "no unrevoked API key with id {id:?} (see `keywarden apikey list`)"

@@ -92,6 +92,8 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
             let app = ctx.open(OpenMode::Existing).await?;
             let ttl = ttl_or_default(ttl, app.config.tokens.default_ttl)?;
             let issued = app.sign_token(claims, ttl, alg, now).await?;
+            app.audit_bump(crate::audit::action::TOKEN_ISSUED, "jws", now);
+            app.flush_audit_counters(now).await?;
             if ctx.json {
                 print_json(&issued)
             } else {
@@ -104,6 +106,7 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
             let app = ctx.open(OpenMode::Existing).await?;
             let opts = app.verify_options(now, iss.as_deref(), aud.as_deref());
             let result = app.verify_token(&token, &opts).await?;
+            record_outcome(&app, now, result.as_ref().err()).await;
             report_verification(ctx, result.map(|v| (v.kid, Some(v.alg.as_str()), v.claims)))
         }
         TokenCmd::Encrypt { claims, ttl } => {
@@ -111,6 +114,8 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
             let app = ctx.open(OpenMode::Existing).await?;
             let ttl = ttl_or_default(ttl, app.config.tokens.default_ttl)?;
             let issued = app.encrypt_token(claims, ttl, now).await?;
+            app.audit_bump(crate::audit::action::TOKEN_ISSUED, "jwe", now);
+            app.flush_audit_counters(now).await?;
             if ctx.json {
                 print_json(&issued)
             } else {
@@ -123,6 +128,7 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
             let app = ctx.open(OpenMode::Existing).await?;
             let opts = app.verify_options(now, None, None);
             let result = app.decrypt_jwe(&token, &opts).await?;
+            record_outcome(&app, now, result.as_ref().err()).await;
             report_verification(
                 ctx,
                 result.map(|(kid, claims)| (kid, Some("dir+A256GCM"), claims)),
@@ -141,6 +147,22 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+        }
+    }
+}
+
+/// Counts the outcome for the alert rules (Redis, when configured) and, for
+/// a failure, in the audit log (aggregated per reason, as on the hot path).
+async fn record_outcome(
+    app: &crate::app::App,
+    now: chrono::DateTime<chrono::Utc>,
+    failure: Option<&crate::crypto::jose::VerifyError>,
+) {
+    crate::sync::lag::record_verification_now(app, now, failure.map(|e| e.code())).await;
+    if let Some(e) = failure {
+        app.audit_bump(crate::audit::action::TOKEN_VERIFY_FAILED, e.code(), now);
+        if let Err(err) = app.flush_audit_counters(now).await {
+            tracing::warn!(error = %format!("{err:#}"), "could not write the audit row for a failed verification");
         }
     }
 }

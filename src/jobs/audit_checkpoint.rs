@@ -3,12 +3,23 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{JobOutcome, not_available};
+use super::JobOutcome;
 use crate::app::App;
 
-/// HOOK (audit issue): verify the chain, write the checkpoint and prune past
-/// `audit.retention` here; report `{"action": "checkpoint", "rows", "head"}`
-/// and fail the outcome when the chain is broken.
-pub async fn run(_app: &App, _now: DateTime<Utc>, _dry_run: bool) -> JobOutcome {
-    JobOutcome::ok(vec![not_available("audit checkpoint")])
+/// Verifies the audit chain, writes a signed checkpoint outside the
+/// database and applies retention (never past that checkpoint). A broken
+/// chain fails the run (and writes no checkpoint).
+pub async fn run(app: &App, now: DateTime<Utc>, dry_run: bool) -> JobOutcome {
+    let mut out = JobOutcome::default();
+    match crate::audit::checkpoint::checkpoint_with(app, now, dry_run).await {
+        Ok(c) => out.actions.push(serde_json::json!({
+            "action": if dry_run { "would_checkpoint" } else { "checkpoint" },
+            "seq": c.seq,
+            "file": c.file.display().to_string(),
+            "pruned_rows": c.pruned_rows,
+            "anchor_seq": c.anchor_seq,
+        })),
+        Err(e) => out.fail("audit checkpoint", &e),
+    }
+    out
 }

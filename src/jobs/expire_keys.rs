@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::{JobOutcome, not_available};
+use super::JobOutcome;
 use crate::app::App;
 
 pub async fn run(app: &App, now: DateTime<Utc>, dry_run: bool) -> JobOutcome {
@@ -41,11 +41,6 @@ pub async fn run(app: &App, now: DateTime<Utc>, dry_run: bool) -> JobOutcome {
         }
         Err(e) => out.fail("expire keys", &e),
     }
-    if census.is_none() {
-        out.actions.push(not_available(
-            "row census: retiring data keys stay until re-encryption lands",
-        ));
-    }
     match expire_api_keys(app, now, dry_run).await {
         Ok(actions) => out.actions.extend(actions),
         Err(e) => out.fail("expire API keys", &e),
@@ -53,21 +48,36 @@ pub async fn run(app: &App, now: DateTime<Utc>, dry_run: bool) -> JobOutcome {
     out
 }
 
-/// HOOK (re-encryption issue): how many stored rows each data key still
-/// protects, from a real count. `None` means "not counted", and a retiring
-/// data key is then left alone: a key is never retired while a row may
-/// still need it. Return `Some(map)` with every retiring data key's count
-/// once the census exists (a kid missing from the map is also left alone).
-async fn rows_under_data_keys(_app: &App) -> anyhow::Result<Option<HashMap<String, u64>>> {
-    Ok(None)
+/// How many stored rows each data key still protects, from a real count
+/// over keywarden's store and every target (the re-encryption census). A
+/// retiring data key is retired only when this says zero.
+async fn rows_under_data_keys(app: &App) -> anyhow::Result<Option<HashMap<String, u64>>> {
+    let census = crate::reencrypt::census(app).await?;
+    let keys = app.key_metas(Some(crate::keyring::Purpose::Data)).await?;
+    Ok(Some(
+        keys.into_iter()
+            .map(|k| {
+                let n = census.rows_under(&k.kid);
+                (k.kid, n)
+            })
+            .collect(),
+    ))
 }
 
-/// HOOK (API keys issue): expire API keys past their expiry at `now`,
-/// returning one action per key (`{"action": "expire_api_key", "id": ...}`).
+/// API keys need no state change to expire: `apikey verify` and the HTTP
+/// endpoint refuse a key past its `expires_at` with "expired". This reports
+/// the keys that have expired since, so the run history shows them.
 async fn expire_api_keys(
-    _app: &App,
-    _now: DateTime<Utc>,
+    app: &App,
+    now: DateTime<Utc>,
     _dry_run: bool,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    Ok(vec![not_available("API key expiry")])
+    Ok(app
+        .store
+        .list_api_keys()
+        .await?
+        .into_iter()
+        .filter(|k| k.revoked_at.is_none() && k.expires_at.is_some_and(|e| e <= now))
+        .map(|k| json!({"action": "api_key_expired", "id": k.id, "expired_at": k.expires_at}))
+        .collect())
 }

@@ -6,27 +6,50 @@ use std::num::NonZeroU32;
 
 use chrono::{DateTime, Utc};
 
-use super::{JobOutcome, not_available};
+use super::JobOutcome;
 use crate::app::App;
 
-/// HOOK (re-encryption issue): call the engine here, limited to `target`
-/// (a `[[reencrypt.targets]]` name; `None` = keywarden's own secrets and
-/// every target), `batch_size` rows at a time (`None` = the config's
-/// `reencrypt.batch_size`). Report per target `{"action": "reencrypt",
-/// "target", "rows_scanned", "rows_reencrypted", "rows_failed"}` (in a dry
-/// run `would_reencrypt` with the rows that would move) and fail the outcome
-/// if any row failed. Between batches, stop when
-/// `crate::scheduler::worker::shutdown_requested()` says the worker is
-/// shutting down (the next tick resumes).
+/// Runs the re-encryption engine on `target` (a `[[reencrypt.targets]]`
+/// name, `keywarden.secrets`, or every target when `None`), `batch_size`
+/// rows at a time. A row that no key opens is quarantined and fails the
+/// run (the summary says how many); the next tick resumes where this one
+/// stopped, since rows already under the active key are never selected.
 pub async fn run(
-    _app: &App,
+    app: &App,
     target: Option<&str>,
     batch_size: Option<NonZeroU32>,
-    _now: DateTime<Utc>,
-    _dry_run: bool,
+    now: DateTime<Utc>,
+    dry_run: bool,
 ) -> JobOutcome {
-    let mut action = not_available("re-encryption engine");
-    action["target"] = serde_json::json!(target);
-    action["batch_size"] = serde_json::json!(batch_size.map(NonZeroU32::get));
-    JobOutcome::ok(vec![action])
+    let opts = crate::reencrypt::Options {
+        target: target.map(str::to_string),
+        dry_run,
+        batch_size: batch_size.map(|b| b.get() as usize),
+        ..Default::default()
+    };
+    let mut out = JobOutcome::default();
+    match crate::reencrypt::run_reencrypt(app, &opts, now).await {
+        Ok(summary) => {
+            out.actions.push(serde_json::json!({
+                "action": if dry_run { "would_reencrypt" } else { "reencrypt" },
+                "target": target.unwrap_or("all"),
+                "rows_scanned": summary.rows_scanned,
+                "rows_reencrypted": summary.rows_reencrypted,
+                "rows_failed": summary.rows_failed,
+                "rows_quarantined_total": summary.rows_quarantined_total,
+                "seconds": summary.seconds,
+            }));
+            if summary.rows_failed > 0 {
+                out.fail(
+                    "re-encrypt",
+                    &anyhow::anyhow!(
+                        "{} rows could not be decrypted and were quarantined",
+                        summary.rows_failed
+                    ),
+                );
+            }
+        }
+        Err(e) => out.fail("re-encrypt", &e),
+    }
+    out
 }

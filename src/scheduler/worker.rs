@@ -227,6 +227,26 @@ pub async fn run(runner: Runner, defs: Vec<JobDef>) -> anyhow::Result<()> {
         enabled.len()
     );
 
+    // The outbox publisher and the HTTP endpoint run beside the jobs until
+    // shutdown. Neither may stop the worker: a port already taken (another
+    // worker on this host) is a warning, not an exit.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let app = shared.runner.app.clone();
+    let publisher = tokio::spawn(crate::sync::run_publisher(app.clone(), stopped()));
+    let hooks = http_hooks(shared.clone(), enabled.clone());
+    let http_stop = stopped();
+    let http = tokio::spawn(async move {
+        if let Err(e) = crate::http::serve_with(app, hooks, http_stop).await {
+            tracing::warn!(error = %format!("{e:#}"), "the HTTP endpoint is not running");
+        }
+    });
+
     // Catch up: a tick missed while no worker ran is run now (once, across
     // all workers, like any tick); a tick that already ran is not repeated.
     for def in enabled.clone() {
@@ -262,8 +282,58 @@ pub async fn run(runner: Runner, defs: Vec<JobDef>) -> anyhow::Result<()> {
             SHUTDOWN_GRACE.as_secs()
         ),
     }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), publisher).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), http).await;
     shared.runner.app.store.close().await;
     Ok(())
+}
+
+/// What the HTTP endpoint's admin routes call: a manual job run, the audit
+/// tail, and the audit record of a refused request.
+fn http_hooks(shared: Arc<Shared>, defs: Vec<JobDef>) -> crate::http::HttpHooks {
+    let for_jobs = shared.clone();
+    let run_job: crate::http::JobRunner = Arc::new(move |name: String| {
+        let shared = for_jobs.clone();
+        let def = defs.iter().find(|d| d.name == name).cloned();
+        Box::pin(async move {
+            let def = def.ok_or_else(|| {
+                crate::error::UsageError(format!("no enabled job named {name:?}"))
+            })?;
+            let report = shared
+                .runner
+                .run_manual(&def, Utc::now(), std::time::Duration::from_secs(30))
+                .await?;
+            Ok(serde_json::to_value(report)?)
+        })
+    });
+    let for_audit = shared.clone();
+    let audit_tail: crate::http::AuditTail = Arc::new(move |n: usize| {
+        let shared = for_audit.clone();
+        Box::pin(async move {
+            let rows = shared.runner.app.store.audit_tail(n as i64).await?;
+            Ok(serde_json::to_value(rows)?)
+        })
+    });
+    let access_denied: crate::http::DeniedFn =
+        Arc::new(move |route: String, reason: String, key: Option<String>| {
+            let shared = shared.clone();
+            Box::pin(async move {
+                let mut event = crate::audit::events::access_denied(&route, &reason);
+                if let Some(key) = key {
+                    event = event.detail("api_key", key);
+                }
+                if let Err(e) = shared.runner.app.audit_now(vec![event], Utc::now()).await {
+                    tracing::warn!(error = %format!("{e:#}"), "could not audit a refused request");
+                }
+            })
+        });
+    crate::http::HttpHooks {
+        run_job: Some(run_job),
+        audit_tail: Some(audit_tail),
+        extra_metrics: Vec::new(),
+        access_denied: Some(access_denied),
+    }
 }
 
 /// `run --once`: runs the latest tick at or before `now` of every enabled

@@ -422,6 +422,30 @@ impl Store {
     }
 
     /// Runs, newest first, of one job or of all.
+    /// Finished runs of rotation jobs (`rotate-*`) started since `since`:
+    /// (succeeded, failed). Skipped ticks are neither.
+    pub async fn rotation_run_counts(&self, since: DateTime<Utc>) -> anyhow::Result<(i64, i64)> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) FROM job_runs WHERE job LIKE 'rotate-%' AND started_at >= $1 \
+             AND status IN ('ok', 'failed') GROUP BY status",
+        )
+        .bind(since.timestamp())
+        .fetch_all(self.pool())
+        .await
+        .context("counting rotation runs")?;
+        let (mut ok, mut failed) = (0, 0);
+        for r in rows {
+            let status: String = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            if status == "ok" {
+                ok = n;
+            } else {
+                failed = n;
+            }
+        }
+        Ok((ok, failed))
+    }
+
     pub async fn job_runs(&self, job: Option<&str>, limit: i64) -> anyhow::Result<Vec<JobRun>> {
         let rows =
             match job {

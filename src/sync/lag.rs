@@ -259,6 +259,32 @@ pub async fn verification_counts(
     Ok(Some(counts))
 }
 
+/// Counts one verification outcome in Redis for the alert rules (the same
+/// per-minute hash `KeyringCache::record_verification` writes), for
+/// one-shot commands such as `token verify`. Best effort: without Redis, or
+/// when it is down, nothing is recorded and nothing fails.
+pub async fn record_verification_now(app: &App, now: DateTime<Utc>, failure: Option<&str>) {
+    let Ok(Some(target)) = RedisTarget::from_config(&app.config) else {
+        return;
+    };
+    let Ok(mut conn) = target.connect().await else {
+        return;
+    };
+    let key = format!("{}{}", super::VERIFY_PREFIX, now.timestamp().div_euclid(60));
+    let mut fields = vec![if failure.is_some() { "fail" } else { "ok" }.to_string()];
+    if let Some(reason) = failure {
+        fields.push(format!("fail:{reason}"));
+    }
+    for field in fields {
+        let _: redis::RedisResult<i64> = conn
+            .query(redis::cmd("HINCRBY").arg(&key).arg(field).arg(1))
+            .await;
+    }
+    let _: redis::RedisResult<i64> = conn
+        .query(redis::cmd("EXPIRE").arg(&key).arg(super::VERIFY_TTL_SECS))
+        .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
