@@ -25,7 +25,7 @@ pub struct Issued {
 }
 
 /// How the keyring state maps to what a token key may do.
-fn key_use(state: KeyState) -> KeyUse {
+pub fn key_use(state: KeyState) -> KeyUse {
     match state {
         KeyState::Active => KeyUse::Active,
         KeyState::Retiring => KeyUse::Retiring,

@@ -190,6 +190,27 @@ impl Keyring {
             .collect()
     }
 
+    /// A token verifier over every signing key of this keyring: active and
+    /// retiring keys verify; revoked, retired and destroyed ones are named so
+    /// their tokens fail with "key is revoked" (or retired...), not "unknown".
+    pub fn verifier(&self) -> anyhow::Result<crate::crypto::jose::VerifierSet> {
+        let mut entries = Vec::new();
+        for k in self.keys.iter().filter(|k| k.purpose == Purpose::Signing) {
+            let material = match (&k.material, k.state.can_verify_or_decrypt()) {
+                (Some(m), true) => m.expose(),
+                (None, true) => continue,
+                (_, false) => &[][..],
+            };
+            entries.push((
+                k.kid.clone(),
+                crate::crypto::signing_alg(k.algorithm)?,
+                crate::app::tokens::key_use(k.state),
+                material,
+            ));
+        }
+        Ok(crate::crypto::jose::VerifierSet::new(entries)?)
+    }
+
     /// The usable keys of a purpose (active first, then retiring, newest
     /// first), with their material.
     pub fn usable(&self, purpose: Purpose) -> Vec<&CachedKey> {
@@ -461,6 +482,23 @@ impl KeyringCache {
     /// The signing keys a verifier may use, active first.
     pub fn signing_keys(&self) -> Vec<SigningKey> {
         self.keyring().signing_keys()
+    }
+
+    /// Verifies a JWS against the keyring this instance holds now (the same
+    /// RFC 8725 rules as `keywarden token verify`, without the store's
+    /// denylist), and counts the outcome for the alert rules.
+    pub fn verify_token(
+        &self,
+        token: &str,
+        opts: &crate::crypto::jose::VerifyOptions,
+    ) -> anyhow::Result<Result<crate::crypto::jose::Verified, crate::crypto::jose::VerifyError>>
+    {
+        let result = self.keyring().verifier()?.verify(token, opts);
+        match &result {
+            Ok(_) => self.record_verification(true, ""),
+            Err(e) => self.record_verification(false, e.code()),
+        }
+        Ok(result)
     }
 
     /// Counts one token verification: `ok`, or a failure with a short

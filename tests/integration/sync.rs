@@ -291,9 +291,44 @@ both_backends!(keyring_cache_follows_rotations_and_acknowledges, |env| {
         b"before"
     );
     let hs = cache.signing_keys();
-    assert_eq!(hs.len(), 1);
+    assert_eq!(hs.len(), 1, "one signing key before the rotation");
     assert_eq!(hs[0].alg.as_str(), "HS256");
     assert!(!format!("{:?}", hs[0]).contains(&format!("{:?}", hs[0].material.expose())));
+
+    // A token signed before a signing-key rotation verifies in the cache
+    // before and after it; one signed after carries the new kid.
+    let opts = || keywarden::crypto::jose::VerifyOptions::new(chrono::Utc::now().timestamp());
+    let old_token = env.run(&["token", "sign"]).ok().stdout_str();
+    assert!(
+        cache
+            .verify_token(old_token.trim(), &opts())
+            .unwrap()
+            .is_ok()
+    );
+    let sig = env
+        .run(&["keys", "rotate", "signing", "--json"])
+        .ok()
+        .json();
+    assert!(
+        rt.block_on(cache.wait_for_epoch(sig["epoch"].as_i64().unwrap(), Duration::from_secs(3)))
+    );
+    let verified = cache
+        .verify_token(old_token.trim(), &opts())
+        .unwrap()
+        .unwrap();
+    assert_eq!(verified.kid, sig["old_kid"].as_str().unwrap());
+    let new_token = env.run(&["token", "sign"]).ok().stdout_str();
+    let verified = cache
+        .verify_token(new_token.trim(), &opts())
+        .unwrap()
+        .unwrap();
+    assert_eq!(verified.kid, sig["new_kid"].as_str().unwrap());
+    // Those verifications were counted; start the counters below afresh.
+    rt.block_on(cache.flush_verifications()).unwrap();
+    let stale: Vec<String> = get(&url, redis::cmd("KEYS").arg("keywarden:verify:*"));
+    for k in stale {
+        let _: i64 = get(&url, redis::cmd("DEL").arg(k));
+    }
 
     let out = env.run(&["keys", "rotate", "data", "--json"]).ok().json();
     let epoch = out["epoch"].as_i64().unwrap();
@@ -454,6 +489,14 @@ fn rotations_survive_a_redis_outage_and_every_instance_converges_in_order() {
         },
     ));
     let mut tokens = vec![(caches[0].encrypt(b"before").unwrap(), "before".to_string())];
+    let sign = |env: &Env| {
+        env.run(&["token", "sign"])
+            .ok()
+            .stdout_str()
+            .trim()
+            .to_string()
+    };
+    let mut signed = vec![sign(&env)];
 
     // CI-sized by default; KEYWARDEN_FAULT_OUTAGE_SECS=30 is the full size.
     let outage_len = Duration::from_secs(
@@ -471,6 +514,7 @@ fn rotations_survive_a_redis_outage_and_every_instance_converges_in_order() {
         // Apps keep working on the keyring they hold.
         let text = format!("during-{i}");
         tokens.push((caches[i % 5].encrypt(text.as_bytes()).unwrap(), text));
+        signed.push(sign(&env));
         i += 1;
     }
     let latest = store_epoch(&env);
@@ -518,6 +562,17 @@ fn rotations_survive_a_redis_outage_and_every_instance_converges_in_order() {
             env.run_stdin(&["decrypt"], token.as_bytes()).ok().stdout,
             text.as_bytes()
         );
+    }
+    // Tokens signed before, during and after the outage verify in every
+    // instance (their keys are active or retiring within their grace).
+    signed.push(sign(&env));
+    let opts = keywarden::crypto::jose::VerifyOptions::new(chrono::Utc::now().timestamp());
+    for token in &signed {
+        for c in &caches {
+            let v = c.verify_token(token, &opts).unwrap();
+            assert!(v.is_ok(), "{}: {v:?}", c.instance_id());
+        }
+        env.run(&["token", "verify", token]).ok();
     }
     let _ = stop_tx.send(());
     rt.block_on(publisher).unwrap();
