@@ -308,9 +308,7 @@ fn a_data_directory_that_cannot_be_made_is_a_clear_error() {
     assert!(r.stderr.contains("afile/sub"), "{}", r.stderr);
 }
 
-#[test]
-fn two_inits_at_once_make_one_keyring() {
-    let env = Env::new(Backend::Sqlite).unwrap();
+both_backends!(two_inits_at_once_make_one_keyring, |env| {
     let children: Vec<_> = (0..4)
         .map(|_| {
             env.cmd(&["init"])
@@ -330,33 +328,7 @@ fn two_inits_at_once_make_one_keyring() {
     }
     let keys = env.run(&["keys", "list", "--json"]).ok().json();
     assert_eq!(keys.as_array().unwrap().len(), 4);
-}
-
-#[test]
-fn two_inits_at_once_on_postgres_make_one_keyring() {
-    let Some(env) = Env::new(Backend::Postgres) else {
-        return;
-    };
-    let children: Vec<_> = (0..4)
-        .map(|_| {
-            env.cmd(&["init"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let keys = env.run(&["keys", "list", "--json"]).ok().json();
-    assert_eq!(keys.as_array().unwrap().len(), 4);
-}
+});
 
 #[test]
 fn root_key_rotation_rewraps_every_key_and_keeps_secrets_readable() {
