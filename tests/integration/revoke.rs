@@ -480,3 +480,61 @@ both_backends!(
         rt.block_on(cache.close());
     }
 );
+
+both_backends!(an_export_restores_into_a_fresh_store, |env| {
+    env.init();
+    seed_secrets(&env, 50);
+    let old_data = active_kid(&env, "data");
+    env.run(&["keys", "rotate", "data"]).ok();
+    let token = env.run(&["token", "sign"]).ok().stdout_str();
+    let token = token.trim().to_string();
+    let rows = secret_rows(&env);
+    assert!(rows.iter().all(|r| r.1 == old_data));
+    let export = env.path().join("keyring.json");
+    std::fs::write(&export, env.run(&["keyring", "export"]).ok().stdout).unwrap();
+    let before = env.run(&["keys", "list", "--json"]).ok().json();
+
+    // The store is lost; the export and the root key are kept.
+    let mut fresh = Env::new(env.backend).unwrap();
+    let file = export.to_str().unwrap();
+    let r = fresh.run(&["keyring", "import", file]).code(2);
+    assert!(r.stderr.contains("root key"), "{}", r.stderr);
+    fresh.set_env("KEYWARDEN_ROOT_KEY", &env.root_key());
+    // A wrong root key is refused by name.
+    let mut wrong = Env::new(env.backend).unwrap();
+    wrong.set_env(
+        "KEYWARDEN_ROOT_KEY",
+        &keywarden::crypto::rootkey::RootKey::generate().to_base64(),
+    );
+    let r = wrong.run(&["keyring", "import", file]).code(2);
+    assert!(r.stderr.contains("does not unwrap"), "{}", r.stderr);
+
+    let out = fresh
+        .run(&["keyring", "import", file, "--json"])
+        .ok()
+        .json();
+    assert_eq!(out["imported"].as_array().unwrap().len(), 5);
+    let after = fresh.run(&["keys", "list", "--json"]).ok().json();
+    assert_eq!(before, after);
+    // Every secret of the old table decrypts; the token verifies.
+    for (id, _, t) in &rows {
+        let p = fresh
+            .run_stdin(&["decrypt"], t.as_bytes())
+            .ok()
+            .stdout_str();
+        assert!(p.ends_with(&"x".repeat(90)), "row {id}");
+    }
+    fresh.run(&["token", "verify", &token]).ok();
+    // Not into a non-empty store; --merge keeps what is there.
+    fresh.run(&["keyring", "import", file]).code(2);
+    let merged = fresh
+        .run(&["keyring", "import", file, "--merge", "--json"])
+        .ok()
+        .json();
+    assert_eq!(merged["imported"].as_array().unwrap().len(), 0);
+    assert_eq!(merged["kept"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        fresh.run(&["audit", "verify", "--json"]).ok().json()["ok"],
+        true
+    );
+});
