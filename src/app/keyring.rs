@@ -193,7 +193,7 @@ impl App {
     }
 
     /// Builds a new key of `purpose` (not yet stored).
-    fn new_key(
+    pub(crate) fn new_key(
         &self,
         purpose: Purpose,
         version: i64,
@@ -521,7 +521,7 @@ impl App {
 }
 
 /// The `key.generated` event of a new key.
-fn generated(meta: &KeyMeta) -> Event {
+pub(crate) fn generated(meta: &KeyMeta) -> Event {
     Event::new(action::KEY_GENERATED)
         .target(meta.kid.as_str())
         .detail("purpose", meta.purpose.as_str())

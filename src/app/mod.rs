@@ -5,6 +5,8 @@
 //! and the key file, talks to the store, and passes `now` into `keyring`.
 
 pub mod keyring;
+pub mod restore;
+pub mod revoke;
 pub mod secrets;
 pub mod tokens;
 

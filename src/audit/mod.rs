@@ -86,6 +86,13 @@ pub mod action {
     pub const SECRETS_IMPORTED: &str = "secrets.imported";
     /// A checkpoint was written (and retention applied).
     pub const AUDIT_CHECKPOINT: &str = "audit.checkpoint";
+    /// A step of the emergency `revoke` flow finished (target: the revoked
+    /// kid; details.step names it).
+    pub const REVOKE_STEP: &str = "revoke.step";
+    /// A key was restored by `keyring import` (target: its kid).
+    pub const KEY_IMPORTED: &str = "key.imported";
+    /// The critical alert of a revocation was raised (target: the kid).
+    pub const REVOKE_ALERTED: &str = "revoke.alerted";
 }
 
 /// Who acted.

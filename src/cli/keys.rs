@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{Ctx, print_json, show_time};
+use super::{Ctx, now, print_json, show_time};
 use crate::app::OpenMode;
 use crate::error::UsageError;
 use crate::keyring::{KeyMeta, KeyState, Purpose};
@@ -40,6 +40,19 @@ pub enum KeyringCmd {
     /// The keyring snapshot: every key with its material wrapped under the
     /// root key as a standard Fernet token.
     Export,
+    /// Restore keys from a `keyring export` document into an empty store
+    /// (disaster recovery); needs the root key the export was made under.
+    Import {
+        /// The exported document (`-` for standard input).
+        file: std::path::PathBuf,
+        /// Add the keys a non-empty store does not have (existing keys are
+        /// left unchanged, never downgraded).
+        #[arg(long)]
+        merge: bool,
+        /// Check the document and show what would be imported.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn parse_purpose(s: &str) -> anyhow::Result<Purpose> {
@@ -149,6 +162,53 @@ pub async fn run_keyring(ctx: &Ctx, cmd: KeyringCmd) -> anyhow::Result<()> {
             let app = ctx.open(OpenMode::Existing).await?;
             // The snapshot is JSON whatever the flag says: it is a document.
             print_json(&app.snapshot().await?)
+        }
+        KeyringCmd::Import {
+            file,
+            merge,
+            dry_run,
+        } => {
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| UsageError(format!("cannot read {}: {e}", file.display())))?
+            };
+            let doc: crate::app::keyring::Snapshot = serde_json::from_str(&text).map_err(|e| {
+                UsageError(format!(
+                    "{} is not a `keyring export` document: {e}",
+                    file.display()
+                ))
+            })?;
+            // Create the store if missing, but never generate a root key:
+            // the document's keys are wrapped under an existing one.
+            let paths = crate::app::Paths::resolve(Some(&ctx.data_dir));
+            if crate::app::load_root_keys(&paths.key_file)?.is_none() {
+                return Err(UsageError(format!(
+                    "import needs the root key the export was made under: set KEYWARDEN_ROOT_KEY \
+                     or restore {}",
+                    paths.key_file.display()
+                ))
+                .into());
+            }
+            let app = ctx.open(OpenMode::Create).await?;
+            let out = app.import_keyring(&doc, merge, dry_run, now()).await?;
+            if !dry_run {
+                crate::sync::publisher::publish_after_change(&app).await;
+            }
+            if ctx.json {
+                print_json(&out)
+            } else {
+                let verb = if dry_run { "would import" } else { "imported" };
+                println!(
+                    "{verb} {} keys; {} already present and left unchanged",
+                    out.imported.len(),
+                    out.kept.len()
+                );
+                Ok(())
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ mod init;
 pub mod job;
 mod keys;
 mod reencrypt;
+mod revoke;
 mod run;
 mod secrets;
 mod serve;
@@ -123,6 +124,8 @@ pub enum Command {
     /// Alert rules, their state, delivery history and channel tests.
     #[command(subcommand)]
     Alerts(alerts::AlertsCmd),
+    /// Emergency response: revoke a key, rotate, re-encrypt, publish, alert.
+    Revoke(revoke::RevokeArgs),
     /// Serve the HTTP endpoint (health, metrics, JWKS, admin routes) without running jobs.
     Serve(serve::ServeArgs),
 }
@@ -210,6 +213,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync(cmd) => sync::run(&ctx, cmd).await,
         Command::Alerts(cmd) => alerts::run(&ctx, cmd).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
+        Command::Revoke(args) => revoke::run(&ctx, args).await,
     }
 }
 

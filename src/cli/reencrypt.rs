@@ -203,6 +203,7 @@ pub async fn run(ctx: &Ctx, args: ReencryptArgs) -> anyhow::Result<()> {
         threads: args.threads.map(|n| n as usize),
         retry_quarantined: args.retry_quarantined,
         progress: Some(progress.clone()),
+        decrypt_with_revoked: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let shower = (!args.dry_run).then(|| spawn_progress(progress, stop_rx));

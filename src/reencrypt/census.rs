@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::rotate::RotateKeys;
 use super::target::{RowId, Target};
-use super::{open_targets, quarantine, rotate_keys};
+use super::{open_targets, quarantine};
 use crate::app::App;
 use crate::keyring::{KeyState, Purpose};
 
@@ -135,7 +135,13 @@ async fn count_by_trial(
 /// configured target. Fails (rather than guess) if any target cannot be
 /// counted.
 pub async fn census(app: &App) -> anyhow::Result<Census> {
-    let keys = Arc::new(rotate_keys(app).await?);
+    census_with(app, None).await
+}
+
+/// The census, also identifying rows (in tables without a kid column) under
+/// the named revoked data key, so the emergency flow can prove none remain.
+pub async fn census_with(app: &App, revoked: Option<&str>) -> anyhow::Result<Census> {
+    let keys = Arc::new(super::rotate_keys_with(app, revoked).await?);
     let targets = open_targets(app, None).await?;
     let mut map: BTreeMap<Option<String>, BTreeMap<String, u64>> = BTreeMap::new();
     for target in &targets {

@@ -67,6 +67,10 @@ pub struct Options {
     pub retry_quarantined: bool,
     /// Live counters for a progress display.
     pub progress: Option<Arc<Progress>>,
+    /// A revoked data key to decrypt with (never to encrypt): the emergency
+    /// `revoke` flow moves the rows it protects; without it those rows are
+    /// quarantined like any row no usable key opens.
+    pub decrypt_with_revoked: Option<String>,
 }
 
 /// Live counters, updated as batches commit.
@@ -146,8 +150,25 @@ pub struct Summary {
 
 /// The usable data keys, unwrapped, active first.
 pub async fn rotate_keys(app: &App) -> anyhow::Result<RotateKeys> {
-    let keys = app.data_keys().await?;
-    RotateKeys::new(keys.keys)
+    rotate_keys_with(app, None).await
+}
+
+/// The usable data keys, plus (last, so it never encrypts and is tried
+/// last) the named revoked data key for decryption only.
+pub async fn rotate_keys_with(app: &App, revoked: Option<&str>) -> anyhow::Result<RotateKeys> {
+    let mut keys = app.data_keys().await?.keys;
+    if let Some(kid) = revoked {
+        let key = app.key_by_kid(kid).await?;
+        anyhow::ensure!(
+            key.meta.purpose == crate::keyring::Purpose::Data
+                && key.meta.state == crate::keyring::KeyState::Revoked,
+            "key {kid} is not a revoked data key (it is a {} key, {})",
+            key.meta.purpose,
+            key.meta.state
+        );
+        keys.push((kid.to_string(), app.fernet_of(&key)?));
+    }
+    RotateKeys::new(keys)
 }
 
 /// Opens the selected targets: keywarden's secrets and every configured
@@ -201,9 +222,10 @@ pub async fn run_reencrypt(
     let targets = open_targets(app, opts.target.as_deref()).await?;
     let progress = opts.progress.clone().unwrap_or_default();
 
+    let revoked = opts.decrypt_with_revoked.as_deref();
     if opts.dry_run {
-        let census = census(app).await?;
-        let keys = rotate_keys(app).await?;
+        let census = census::census_with(app, revoked).await?;
+        let keys = rotate_keys_with(app, revoked).await?;
         let mut pending = 0;
         for t in &targets {
             pending += t.count_pending(&keys.active_kid).await?;
@@ -255,7 +277,7 @@ pub async fn run_reencrypt(
         .collect();
     let mut key_changes = 0;
     let active_kid = 'restart: loop {
-        let keys = Arc::new(rotate_keys(app).await?);
+        let keys = Arc::new(rotate_keys_with(app, revoked).await?);
         let mut total = 0;
         for t in &targets {
             total += t.count_pending(&keys.active_kid).await?;
@@ -310,7 +332,7 @@ pub async fn run_reencrypt(
     // Retire what the census shows protects nothing. The census counts
     // every target, whatever --target chose, so a key another target still
     // needs stays.
-    let census = census(app)
+    let census = census::census_with(app, revoked)
         .await
         .context("counting rows per data key after the run")?;
     let expired = app
@@ -324,7 +346,7 @@ pub async fn run_reencrypt(
     let census = if retired.is_empty() {
         census
     } else {
-        self::census(app).await?
+        census::census_with(app, revoked).await?
     };
 
     let mut all = TargetSummary::default();

@@ -8,6 +8,7 @@ mod audit;
 mod http;
 mod keyring;
 mod reencrypt;
+mod revoke;
 mod sync;
 mod tokens;
 mod worker;
