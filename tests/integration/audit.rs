@@ -131,13 +131,15 @@ fn actions(env: &Env) -> Vec<String> {
 }
 
 /// Opens the store in this process (for operations with no command yet).
-fn open_app(env: &Env) -> keywarden::app::App {
+/// The app's pool lives on `rt`: use the same runtime for everything done
+/// with it (a pool used from another runtime fails once its own shuts down).
+fn open_app(rt: &tokio::runtime::Runtime, env: &Env) -> keywarden::app::App {
     let paths = keywarden::app::Paths {
         data_dir: env.data_dir(),
         database_url: db_url(env).replace("?mode=rw", ""),
         key_file: env.data_dir().join("root.key"),
     };
-    rt().block_on(keywarden::app::App::open(
+    rt.block_on(keywarden::app::App::open(
         keywarden::config::Config::default(),
         paths,
         keywarden::app::OpenMode::Existing,
@@ -224,20 +226,19 @@ both_backends!(every_key_operation_leaves_its_audit_row, |env| {
 
     // Expiry and the aggregated counters run in-process (their commands
     // belong to the worker and token issues).
-    let app = open_app(&env);
+    let rt = rt();
+    let app = open_app(&rt, &env);
     let later = chrono::Utc::now() + chrono::TimeDelta::days(400);
-    let expired = rt()
-        .block_on(app.expire(later, false, |_| Some(0)))
-        .unwrap();
+    let expired = rt.block_on(app.expire(later, false, |_| Some(0))).unwrap();
     assert!(!expired.is_empty());
     use keywarden::audit::action;
     for _ in 0..3 {
         app.audit_bump(action::TOKEN_VERIFY_FAILED, "expired", later);
     }
     app.audit_bump(action::TOKEN_VERIFY_FAILED, "bad_signature", later);
-    assert_eq!(rt().block_on(app.flush_audit_counters(later)).unwrap(), 2);
-    assert_eq!(rt().block_on(app.flush_audit_counters(later)).unwrap(), 0);
-    rt().block_on(app.store.close());
+    assert_eq!(rt.block_on(app.flush_audit_counters(later)).unwrap(), 2);
+    assert_eq!(rt.block_on(app.flush_audit_counters(later)).unwrap(), 0);
+    rt.block_on(app.store.close());
     let all = actions(&env);
     for a in ["key.retired", "key.destroyed", "token.verify_failed"] {
         assert!(all.iter().any(|x| x == a), "{a} missing from {all:?}");
