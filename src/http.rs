@@ -527,58 +527,19 @@ async fn revoke(
     }
 }
 
-/// Marks a key revoked and announces it in one transaction; an active key's
-/// purpose is then rotated so it keeps an active key. The full emergency
-/// flow (re-encryption, acknowledgements, report) is `keywarden revoke`.
+/// Runs the emergency flow of `keywarden revoke` (revoke and rotate in one
+/// audited transaction, re-encrypt the key's rows, publish, alert), waiting
+/// at most a few seconds for acknowledgements; the report is the response.
 async fn revoke_key(app: &App, kid: &str, reason: &str) -> anyhow::Result<Value> {
-    let now = Utc::now();
-    let key = match app.store.key(kid).await? {
-        Some(k) => k,
-        None => return Err(crate::error::UsageError(format!("no key with kid {kid:?}")).into()),
-    };
-    let from = key.meta.state;
-    if from == KeyState::Revoked {
-        return Err(crate::error::UsageError(format!("key {kid} is already revoked")).into());
-    }
-    let purpose = key.meta.purpose;
-    let mut tx = app.store.begin().await?;
-    let changed = crate::store::keys::set_state(
-        &mut tx,
-        kid,
-        from,
-        KeyState::Revoked,
-        now,
-        None,
-        Some(reason),
-    )
-    .await?;
-    anyhow::ensure!(changed, "key {kid} changed while revoking it; try again");
-    let epoch = crate::store::keys::announce(&mut tx, &[("revoke", kid, purpose)], now).await?;
-    tx.commit().await?;
-    let rotated = if from == KeyState::Active {
-        app.rotate(purpose, now, false, None).await?
-    } else {
-        None
-    };
-    let ev = Event::KeyRevoked {
+    let opts = crate::app::revoke::RevokeOptions {
         kid: kid.to_string(),
         reason: reason.to_string(),
+        dry_run: false,
+        wait: std::time::Duration::from_secs(5),
+        progress: None,
     };
-    // Enqueued, not awaited: the alert never holds up the revocation.
-    if let Err(e) = crate::alerts::raise_event(app, &ev, now).await {
-        tracing::warn!(
-            error = format!("{e:#}"),
-            "cannot raise the revocation alert"
-        );
-    }
-    Ok(json!({
-        "kid": kid,
-        "purpose": purpose.as_str(),
-        "previous_state": from.as_str(),
-        "state": "revoked",
-        "epoch": epoch,
-        "rotated": rotated,
-    }))
+    let report = app.revoke_key(&opts, Utc::now(), &|_| {}).await?;
+    Ok(serde_json::to_value(report)?)
 }
 
 #[derive(serde::Deserialize)]
