@@ -114,6 +114,10 @@ def main() -> None:
             "python_single": peer["ops_per_s"], "python_pool2": peer.get("pool_ops_per_s"),
             "ratio_1t_vs_python_single": round(ours["ops_per_s_1t"] / peer["ops_per_s"], 2),
             "ratio_2t_vs_1t": ours["ratio_2t_1t"],
+            # Per CPU second, 2 threads vs 1: near 1.0 means the work scales
+            # and a low wall-clock ratio is cores the run did not get.
+            "cpu_efficiency_2t_vs_1t": ours.get("cpu_efficiency_2t_vs_1t"),
+            "cores_used_2t": ours.get("cores_used_2t"),
         }
 
     if "sqlite" in parts:
@@ -145,6 +149,7 @@ def main() -> None:
             "keywarden": ours, "keywarden_small": small,
             "peer": {m: r["rows_per_s"] for m, r in peer["results"].items()},
             "ratio_vs_peer_best": round(ours["rows_per_second"] / best, 3),
+            "ratio_vs_peer": {m: round(ours["rows_per_second"] / r["rows_per_s"], 3) for m, r in peer["results"].items()},
             "ratio_vs_peer_rmw": round(ours["rows_per_second"] / peer["results"]["rmw"]["rows_per_s"], 3),
         }
 

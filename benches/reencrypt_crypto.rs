@@ -75,13 +75,29 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Rotates `n` tokens in batches; returns rotations per second.
-fn run(keys: &RotateKeys, rows: &[SourceRow], n: usize, batch: usize, threads: usize) -> f64 {
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// One timed run: rotations per wall-clock second and per CPU second.
+struct Rate {
+    per_s: f64,
+    per_cpu_s: f64,
+}
+
+/// Rotates `n` tokens in batches.
+fn run(keys: &RotateKeys, rows: &[SourceRow], n: usize, batch: usize, threads: usize) -> Rate {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
     pool.install(|| rayon::scope(|_| {}));
+    let cpu = cpu_seconds();
     let t = Instant::now();
     let mut done = 0;
     let mut start = 0;
@@ -92,7 +108,11 @@ fn run(keys: &RotateKeys, rows: &[SourceRow], n: usize, batch: usize, threads: u
         done += take;
         start = (start + take) % rows.len();
     }
-    n as f64 / t.elapsed().as_secs_f64()
+    let wall = t.elapsed().as_secs_f64();
+    Rate {
+        per_s: n as f64 / wall,
+        per_cpu_s: n as f64 / (cpu_seconds() - cpu),
+    }
 }
 
 fn main() {
@@ -134,17 +154,29 @@ fn main() {
         };
         assert_eq!(new.decrypt(&t).unwrap(), old.decrypt(&r.token).unwrap());
     }
-    let mut r1 = Vec::new();
-    let mut r2 = Vec::new();
+    let (mut r1, mut r2, mut c1, mut c2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.repeat {
         let x = run(&keys, &rows, a.n, a.batch, 1);
-        eprintln!("1 thread, run {}: {x:.0} rotations/s", i + 1);
-        r1.push(x);
+        eprintln!(
+            "1 thread, run {}: {:.0} rotations/s ({:.0} per CPU second)",
+            i + 1,
+            x.per_s,
+            x.per_cpu_s
+        );
+        r1.push(x.per_s);
+        c1.push(x.per_cpu_s);
         let y = run(&keys, &rows, a.n, a.batch, 2);
-        eprintln!("2 threads, run {}: {y:.0} rotations/s", i + 1);
-        r2.push(y);
+        eprintln!(
+            "2 threads, run {}: {:.0} rotations/s ({:.0} per CPU second)",
+            i + 1,
+            y.per_s,
+            y.per_cpu_s
+        );
+        r2.push(y.per_s);
+        c2.push(y.per_cpu_s);
     }
     let (m1, m2) = (median(r1.clone()), median(r2.clone()));
+    let (cpu1, cpu2) = (median(c1), median(c2));
     println!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
@@ -157,6 +189,13 @@ fn main() {
             "ops_per_s_1t": m1.round(),
             "ops_per_s_2t": m2.round(),
             "ratio_2t_1t": (m2 / m1 * 1000.0).round() / 1000.0,
+            // Rotations per CPU second: equal on 1 and 2 threads means the
+            // work itself scales and a wall-clock ratio under 2 is the
+            // machine's other load (cores the run did not get).
+            "ops_per_cpu_s_1t": cpu1.round(),
+            "ops_per_cpu_s_2t": cpu2.round(),
+            "cpu_efficiency_2t_vs_1t": (cpu2 / cpu1 * 1000.0).round() / 1000.0,
+            "cores_used_2t": (m2 / cpu2 * 100.0).round() / 100.0,
             "runs_1t": r1.iter().map(|x| x.round()).collect::<Vec<_>>(),
             "runs_2t": r2.iter().map(|x| x.round()).collect::<Vec<_>>(),
             "cpu_count": std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -18,11 +18,13 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+use super::hot::{PgTx, pg_check_active};
 use super::quarantine::{self, Quarantined};
 use super::rotate::{Outcome, RotateKeys};
+use super::sqlite_raw::Conn;
 use super::target::{Rewrite, RowId, SourceRow, Target};
 use super::{Progress, TargetSummary};
-use crate::store::{Backend, Store, Tx};
+use crate::store::{Backend, Store};
 
 /// The active data key stopped being active during the run (a rotation
 /// happened): the run stops before writing under a demoted key and starts
@@ -35,15 +37,18 @@ pub struct ActiveKeyChanged(pub String);
 /// holding its row locks until the writer commits.
 struct ReadBatch {
     rows: Vec<SourceRow>,
-    claim: Option<Tx>,
+    claim: Option<PgTx>,
 }
 
 struct DoneBatch {
     rows: Vec<SourceRow>,
     outcomes: Vec<Outcome>,
     skipped: u64,
-    claim: Option<Tx>,
+    claim: Option<PgTx>,
 }
+
+/// Batches written at once on PostgreSQL (see `run_pass`).
+const PG_WRITERS: usize = 2;
 
 /// What the engine needs besides the target.
 pub struct PassCtx<'a> {
@@ -90,28 +95,41 @@ async fn check_active(
 pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<TargetSummary> {
     let active = cx.keys.active_kid.clone();
     let (read_tx, mut read_rx) = mpsc::channel::<ReadBatch>(2);
-    let (done_tx, mut done_rx) = mpsc::channel::<DoneBatch>(2);
+    let (done_tx, done_rx) = mpsc::channel::<DoneBatch>(2);
 
+    // The SQLite connections are blocking handles: each batch moves its
+    // connection into a blocking task and gets it back.
+    let shared = Arc::new(target.clone());
     let reader = {
         let active = active.clone();
+        let target = shared.clone();
         async move {
             let mut after: Option<RowId> = None;
+            let mut conn: Option<Conn> = None;
             loop {
                 let (rows, claim) = match target.backend {
                     Backend::Postgres => {
-                        let mut tx = target.begin().await?;
+                        let mut tx = target.pg_begin().await?;
                         let rows = target
-                            .read_batch(&mut tx, &active, after.as_ref(), cx.batch_size, true)
+                            .pg_read(&mut tx, &active, after.as_ref(), cx.batch_size)
                             .await?;
                         (rows, Some(tx))
                     }
                     Backend::Sqlite => {
-                        let mut conn = target.pool.acquire().await.with_context(|| {
-                            format!("connecting to the database of target {}", target.name)
-                        })?;
-                        let rows = target
-                            .read_batch(&mut conn, &active, after.as_ref(), cx.batch_size, false)
-                            .await?;
+                        let (t, a, limit) = (target.clone(), active.clone(), cx.batch_size);
+                        let prev = after.clone();
+                        let c = conn.take();
+                        let (c, rows) = tokio::task::spawn_blocking(move || {
+                            let c = match c {
+                                Some(c) => c,
+                                None => t.sqlite_connect()?,
+                            };
+                            let rows = t.sqlite_read(&c, &a, prev.as_ref(), limit)?;
+                            anyhow::Ok((c, rows))
+                        })
+                        .await
+                        .context("the re-encryption reader panicked")??;
+                        conn = Some(c);
                         (rows, None)
                     }
                 };
@@ -172,92 +190,143 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
             target.name
         )
     };
-    let writer = async move {
-        let mut sum = TargetSummary::new(&target.name);
-        while let Some(batch) = done_rx.recv().await {
-            let mut rewrites = Vec::with_capacity(batch.rows.len());
-            let mut failed: Vec<Quarantined> = Vec::new();
-            let mut current = 0u64;
-            for (row, outcome) in batch.rows.into_iter().zip(batch.outcomes) {
-                match outcome {
-                    Outcome::Rotated(new_token) => rewrites.push(Rewrite {
-                        id: row.id,
-                        old_token: row.token,
-                        new_token,
-                    }),
-                    Outcome::Current => current += 1,
-                    Outcome::Failed(reason) => failed.push(Quarantined {
-                        row_id: row.id.to_string(),
-                        kid: row.kid,
-                        reason,
-                    }),
-                }
-            }
-            let scanned = rewrites.len() as u64 + current + failed.len() as u64 + batch.skipped;
-            let changed = if rewrites.is_empty() {
-                // Release a claim without writing.
-                drop(batch.claim);
-                0
-            } else {
-                let mut tx = match batch.claim {
-                    Some(tx) => tx,
-                    None => target.begin().await?,
-                };
-                // The active-key check shares the write transaction when the
-                // table is in keywarden's store; otherwise a keywarden
-                // transaction holding the check stays open until the
-                // target's batch has committed.
-                let mut guard = None;
-                if target.in_own_store {
-                    check_active(&mut tx, target.backend, &active).await?;
-                } else {
-                    let mut g = cx.store.begin().await?;
-                    check_active(&mut g, cx.store.backend(), &active).await?;
-                    guard = Some(g);
-                }
-                let changed = target
-                    .write_batch(&mut tx, &rewrites, &active)
-                    .await
-                    .with_context(rolled_back)?;
-                tx.commit()
-                    .await
-                    .with_context(|| format!("committing a batch to target {}", target.name))
-                    .with_context(rolled_back)?;
-                if let Some(g) = guard {
-                    g.commit().await.context("releasing the active-key check")?;
-                }
-                changed
-            };
-            if !failed.is_empty() {
-                quarantine::record(cx.store, &target.name, &failed, cx.now_unix).await?;
-                for f in &failed {
-                    tracing::warn!(
-                        target.name = target.name.as_str(),
-                        row.id = f.row_id.as_str(),
-                        reason = f.reason.as_str(),
-                        "row {} of {} quarantined: {}",
-                        f.row_id,
-                        target.name,
-                        f.reason
-                    );
-                }
-            }
-            let conflicted = rewrites.len() as u64 - changed;
-            sum.rows_scanned += scanned;
-            sum.rows_reencrypted += changed;
-            sum.rows_conflicted += conflicted;
-            sum.rows_failed += failed.len() as u64;
-            sum.rows_already_current += current;
-            sum.rows_skipped_quarantined += batch.skipped;
-            sum.batches += 1;
-            let p = cx.progress;
-            p.done.fetch_add(scanned, Ordering::Relaxed);
-            p.reencrypted.fetch_add(changed, Ordering::Relaxed);
-            p.failed.fetch_add(failed.len() as u64, Ordering::Relaxed);
-        }
-        anyhow::Ok(sum)
+    // Several writers on PostgreSQL: the server's UPDATE work, not the
+    // round trips, bounds a batch there, and claimed batches are disjoint,
+    // so two transactions write side by side. SQLite has one writer at a
+    // time whatever we do.
+    let writers = match target.backend {
+        Backend::Postgres => PG_WRITERS,
+        Backend::Sqlite => 1,
     };
+    let done_rx = Arc::new(tokio::sync::Mutex::new(done_rx));
+    let write_loop = |_| {
+        let done_rx = done_rx.clone();
+        let shared = shared.clone();
+        let active = active.clone();
+        async move {
+            let mut sum = TargetSummary::new(&target.name);
+            let mut conn: Option<Conn> = None;
+            loop {
+                // The lock is held only to take the next batch.
+                let next = done_rx.lock().await.recv().await;
+                let Some(batch) = next else { break };
+                let mut rewrites: Vec<Rewrite> = Vec::with_capacity(batch.rows.len());
+                let mut failed: Vec<Quarantined> = Vec::new();
+                let mut current = 0u64;
+                for (row, outcome) in batch.rows.into_iter().zip(batch.outcomes) {
+                    match outcome {
+                        Outcome::Rotated(new_token) => rewrites.push(Rewrite {
+                            id: row.id,
+                            old_token: row.token,
+                            new_token,
+                        }),
+                        Outcome::Current => current += 1,
+                        Outcome::Failed(reason) => failed.push(Quarantined {
+                            row_id: row.id.to_string(),
+                            kid: row.kid,
+                            reason,
+                        }),
+                    }
+                }
+                let scanned = rewrites.len() as u64 + current + failed.len() as u64 + batch.skipped;
+                let changed = if rewrites.is_empty() {
+                    // Release a claim without writing.
+                    drop(batch.claim);
+                    0
+                } else {
+                    // The active-key check shares the write transaction when the
+                    // table is in keywarden's store; otherwise a keywarden
+                    // transaction holding the check stays open until the
+                    // target's batch has committed.
+                    let mut guard = None;
+                    if !target.in_own_store {
+                        let mut g = cx.store.begin().await?;
+                        check_active(&mut g, cx.store.backend(), &active).await?;
+                        guard = Some(g);
+                    }
+                    let changed = match batch.claim {
+                        Some(mut tx) => {
+                            if target.in_own_store {
+                                pg_check_active(&mut tx, &active).await?;
+                            }
+                            let changed = target
+                                .pg_write(&mut tx, &rewrites, &active)
+                                .await
+                                .with_context(rolled_back)?;
+                            tx.commit()
+                                .await
+                                .with_context(|| {
+                                    format!("committing a batch to target {}", target.name)
+                                })
+                                .with_context(rolled_back)?;
+                            changed
+                        }
+                        None => {
+                            let t = shared.clone();
+                            let kid = active.clone();
+                            let check = target.in_own_store;
+                            let c = conn.take();
+                            let (c, result) = tokio::task::spawn_blocking(move || {
+                                let c = match c {
+                                    Some(c) => c,
+                                    None => t.sqlite_connect()?,
+                                };
+                                let result = t.sqlite_write(&c, &rewrites, &kid, check);
+                                anyhow::Ok((c, result.map(|n| (n, rewrites))))
+                            })
+                            .await
+                            .context("the re-encryption writer panicked")??;
+                            conn = Some(c);
+                            let (changed, back) = match result {
+                                Ok(v) => v,
+                                Err(e) if e.is::<ActiveKeyChanged>() => return Err(e),
+                                Err(e) => return Err(e.context(rolled_back())),
+                            };
+                            rewrites = back;
+                            changed
+                        }
+                    };
+                    if let Some(g) = guard {
+                        g.commit().await.context("releasing the active-key check")?;
+                    }
+                    changed
+                };
+                if !failed.is_empty() {
+                    quarantine::record(cx.store, &target.name, &failed, cx.now_unix).await?;
+                    for f in &failed {
+                        tracing::warn!(
+                            target.name = target.name.as_str(),
+                            row.id = f.row_id.as_str(),
+                            reason = f.reason.as_str(),
+                            "row {} of {} quarantined: {}",
+                            f.row_id,
+                            target.name,
+                            f.reason
+                        );
+                    }
+                }
+                let conflicted = rewrites.len() as u64 - changed;
+                sum.rows_scanned += scanned;
+                sum.rows_reencrypted += changed;
+                sum.rows_conflicted += conflicted;
+                sum.rows_failed += failed.len() as u64;
+                sum.rows_already_current += current;
+                sum.rows_skipped_quarantined += batch.skipped;
+                sum.batches += 1;
+                let p = cx.progress;
+                p.done.fetch_add(scanned, Ordering::Relaxed);
+                p.reencrypted.fetch_add(changed, Ordering::Relaxed);
+                p.failed.fetch_add(failed.len() as u64, Ordering::Relaxed);
+            }
+            anyhow::Ok(sum)
+        }
+    };
+    let writer = futures_util::future::try_join_all((0..writers).map(write_loop));
 
-    let ((), (), sum) = tokio::try_join!(reader, crypto, writer)?;
+    let ((), (), sums) = tokio::try_join!(reader, crypto, writer)?;
+    let mut sum = TargetSummary::new(&target.name);
+    for s in &sums {
+        sum.add(s);
+    }
     Ok(sum)
 }

@@ -18,9 +18,11 @@
 
 pub mod census;
 pub mod engine;
+pub mod hot;
 pub mod import;
 pub mod quarantine;
 pub mod rotate;
+pub mod sqlite_raw;
 pub mod target;
 
 use std::sync::Arc;
@@ -189,11 +191,11 @@ pub async fn open_targets(app: &App, only: Option<&str>) -> anyhow::Result<Vec<T
     }
     let mut out = Vec::new();
     if only.is_none_or(|n| n == OWN_SECRETS) {
-        out.push(Target::own_secrets(&app.store));
+        out.push(Target::own_secrets(&app.store, &app.paths.database_url)?);
     }
     for t in &cfg.targets {
         if only.is_none_or(|n| n == t.name) {
-            out.push(Target::open(&app.store, t).await?);
+            out.push(Target::open(&app.store, &app.paths.database_url, t).await?);
         }
     }
     Ok(out)

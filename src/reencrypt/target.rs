@@ -9,8 +9,11 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AnyPool, Row};
 
 use crate::config::ReencryptTarget;
@@ -19,15 +22,6 @@ use crate::store::{Backend, Store, redact_url};
 /// The name of keywarden's own secrets as a target. It contains a dot, which
 /// configured target names cannot, so the two never collide.
 pub const OWN_SECRETS: &str = "keywarden.secrets";
-
-/// How many rows one multi-row UPDATE carries on PostgreSQL (3 parameters a
-/// row stays far below its 65,535 parameter limit).
-const ROWS_PER_UPDATE_PG: usize = 500;
-/// The same on SQLite, where binding costs grow with the square of the
-/// parameter count (sqlx looks each numbered parameter up by name): small
-/// statements, many of them, in the same transaction. Overridable for
-/// measurement with KEYWARDEN_REENCRYPT_SQLITE_ROWS_PER_UPDATE.
-const ROWS_PER_UPDATE_SQLITE: usize = 40;
 
 /// A row's primary key: integer or text.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -71,11 +65,51 @@ pub struct Target {
     /// The table is in keywarden's own store (so the key check can share the
     /// write transaction).
     pub in_own_store: bool,
-    table: String,
-    id: String,
-    ct: String,
-    kid: Option<String>,
-    filter: Option<String>,
+    /// The engine's own connections for its read and write path (`hot`).
+    pub(super) hot: Hot,
+    pub(super) table: String,
+    pub(super) id: String,
+    pub(super) ct: String,
+    pub(super) kid: Option<String>,
+    pub(super) filter: Option<String>,
+}
+
+/// How the engine reaches a target's database for its hot path, outside
+/// the `Any` pool (see `hot`): the SQLite file it opens directly, or a
+/// native PostgreSQL pool (connected lazily, on first use).
+#[derive(Clone)]
+pub enum Hot {
+    Sqlite {
+        path: PathBuf,
+        /// keywarden's own store runs `synchronous = NORMAL` on WAL (as every
+        /// store connection does); an application's database keeps its own
+        /// settings.
+        own_store: bool,
+    },
+    Postgres(PgPool),
+}
+
+impl Hot {
+    /// The hot-path handle for a database URL.
+    pub fn for_url(url: &str, own_store: bool) -> anyhow::Result<Hot> {
+        let shown = redact_url(url);
+        if url.starts_with("sqlite:") {
+            let path = crate::store::sqlite_path(url)
+                .with_context(|| format!("database URL {shown} names no file"))?;
+            Ok(Hot::Sqlite { path, own_store })
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(15))
+                .connect_lazy(url)
+                .with_context(|| format!("invalid database URL {shown}"))?;
+            Ok(Hot::Postgres(pool))
+        } else {
+            anyhow::bail!(
+                "database URL {shown} is not supported (use sqlite:PATH or postgres://...)"
+            )
+        }
+    }
 }
 
 impl std::fmt::Debug for Target {
@@ -104,31 +138,43 @@ pub fn quote_ident(name: &str) -> anyhow::Result<String> {
 }
 
 impl Target {
-    /// keywarden's own `secrets` table.
-    pub fn own_secrets(store: &Store) -> Target {
-        Target {
+    /// keywarden's own `secrets` table; `url` is the store's database URL.
+    pub fn own_secrets(store: &Store, url: &str) -> anyhow::Result<Target> {
+        Ok(Target {
             name: OWN_SECRETS.into(),
             pool: store.pool().clone(),
             backend: store.backend(),
             in_own_store: true,
+            hot: Hot::for_url(url, true)?,
             table: "\"secrets\"".into(),
             id: "\"id\"".into(),
             ct: "\"token\"".into(),
             kid: Some("\"kid\"".into()),
             filter: None,
-        }
+        })
     }
 
     /// A configured target, connected to its database (keywarden's store
     /// when it names none).
-    pub async fn open(store: &Store, cfg: &ReencryptTarget) -> anyhow::Result<Target> {
-        let (pool, backend, in_own_store) = match cfg.database_url() {
-            None => (store.pool().clone(), store.backend(), true),
+    pub async fn open(
+        store: &Store,
+        store_url: &str,
+        cfg: &ReencryptTarget,
+    ) -> anyhow::Result<Target> {
+        let (pool, backend, in_own_store, hot) = match cfg.database_url() {
+            None => (
+                store.pool().clone(),
+                store.backend(),
+                true,
+                Hot::for_url(store_url, true)?,
+            ),
             Some(url) => {
                 let (pool, backend) = connect_foreign(url)
                     .await
                     .with_context(|| format!("reencrypt target {}", cfg.name))?;
-                (pool, backend, false)
+                let hot = Hot::for_url(url, false)
+                    .with_context(|| format!("reencrypt target {}", cfg.name))?;
+                (pool, backend, false, hot)
             }
         };
         Ok(Target {
@@ -136,6 +182,7 @@ impl Target {
             pool,
             backend,
             in_own_store,
+            hot,
             table: quote_ident(&cfg.table)?,
             id: quote_ident(&cfg.id_column)?,
             ct: quote_ident(&cfg.ciphertext_column)?,
@@ -147,88 +194,6 @@ impl Target {
     /// Whether rows say which key made them.
     pub fn has_kid_column(&self) -> bool {
         self.kid.is_some()
-    }
-
-    /// Begins a write transaction on the target's database.
-    pub async fn begin(&self) -> anyhow::Result<crate::store::Tx> {
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        };
-        tx.with_context(|| format!("beginning a transaction on target {}", self.name))
-    }
-
-    /// The SELECT of one batch of rows not under `active_kid`, after `after`
-    /// in id order. `lock` claims them (`FOR UPDATE SKIP LOCKED`, PostgreSQL)
-    /// so concurrent workers take disjoint batches.
-    fn select_sql(&self, after: bool, limit: usize, lock: bool) -> String {
-        let mut conds = vec![format!("{} IS NOT NULL", self.ct)];
-        let mut n = 0;
-        let mut param = || {
-            n += 1;
-            format!("${n}")
-        };
-        let cols = match &self.kid {
-            Some(kid) => {
-                conds.push(format!("({kid} IS NULL OR {kid} <> {})", param()));
-                format!("{}, {}, {kid}", self.id, self.ct)
-            }
-            None => format!("{}, {}", self.id, self.ct),
-        };
-        if after {
-            conds.push(format!("{} > {}", self.id, param()));
-        }
-        if let Some(f) = &self.filter {
-            conds.push(f.clone());
-        }
-        let mut sql = format!(
-            "SELECT {cols} FROM {} WHERE {} ORDER BY {} LIMIT {limit}",
-            self.table,
-            conds.join(" AND "),
-            self.id
-        );
-        if lock && self.backend == Backend::Postgres {
-            sql.push_str(" FOR UPDATE SKIP LOCKED");
-        }
-        sql
-    }
-
-    /// Reads the next batch (see `select_sql`) on `conn`.
-    pub async fn read_batch(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        active_kid: &str,
-        after: Option<&RowId>,
-        limit: usize,
-        lock: bool,
-    ) -> anyhow::Result<Vec<SourceRow>> {
-        let sql = self.select_sql(after.is_some(), limit, lock);
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        if self.kid.is_some() {
-            q = q.bind(active_kid.to_string());
-        }
-        if let Some(after) = after {
-            q = bind_id(q, after);
-        }
-        let rows = q
-            .fetch_all(&mut *conn)
-            .await
-            .with_context(|| format!("reading a batch from target {}", self.name))?;
-        rows.iter().map(|r| self.source_row(r)).collect()
-    }
-
-    fn source_row(&self, r: &AnyRow) -> anyhow::Result<SourceRow> {
-        Ok(SourceRow {
-            id: read_id(r, 0)?,
-            token: r.try_get::<String, _>(1).with_context(|| {
-                format!("target {}: the ciphertext column is not text", self.name)
-            })?,
-            kid: if self.kid.is_some() {
-                r.try_get::<Option<String>, _>(2)?
-            } else {
-                None
-            },
-        })
     }
 
     /// Reads every row in id order (for the census of a table without a kid
@@ -324,64 +289,6 @@ impl Target {
             .await
             .with_context(|| format!("counting rows of target {}", self.name))?;
         Ok(row.try_get::<i64, _>(0)? as u64)
-    }
-
-    /// Writes re-encrypted rows with compare-and-set on the old token, in
-    /// the caller's transaction. Returns how many rows changed (a row the
-    /// application changed meanwhile does not match and is left alone).
-    pub async fn write_batch(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        rows: &[Rewrite],
-        new_kid: &str,
-    ) -> anyhow::Result<u64> {
-        let mut changed = 0;
-        let per_statement = match self.backend {
-            Backend::Postgres => ROWS_PER_UPDATE_PG,
-            Backend::Sqlite => std::env::var("KEYWARDEN_REENCRYPT_SQLITE_ROWS_PER_UPDATE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&n: &usize| (1..=5000).contains(&n))
-                .unwrap_or(ROWS_PER_UPDATE_SQLITE),
-        };
-        for chunk in rows.chunks(per_statement) {
-            // VALUES rows are (id, new token, old token); both backends name
-            // the columns column1, column2, column3.
-            let mut values = String::new();
-            for i in 0..chunk.len() {
-                let b = i * 3;
-                if i > 0 {
-                    values.push(',');
-                }
-                values.push_str(&format!("(${}, ${}, ${})", b + 1, b + 2, b + 3));
-            }
-            let set = match &self.kid {
-                Some(kid) => format!("{} = v.column2, {kid} = ${}", self.ct, chunk.len() * 3 + 1),
-                None => format!("{} = v.column2", self.ct),
-            };
-            let sql = format!(
-                "UPDATE {table} AS t SET {set} FROM (VALUES {values}) AS v \
-                 WHERE t.{id} = v.column1 AND t.{ct} = v.column3",
-                table = self.table,
-                id = self.id,
-                ct = self.ct,
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
-                q = bind_id(q, &r.id)
-                    .bind(r.new_token.as_str())
-                    .bind(r.old_token.as_str());
-            }
-            if self.kid.is_some() {
-                q = q.bind(new_kid);
-            }
-            let done = q
-                .execute(&mut *conn)
-                .await
-                .with_context(|| format!("writing a batch to target {}", self.name))?;
-            changed += done.rows_affected();
-        }
-        Ok(changed)
     }
 }
 

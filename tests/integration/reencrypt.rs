@@ -140,16 +140,23 @@ fn crash_test(env: Env, rows: usize, kills: usize) {
     let (old, new) = rotate_data(&env);
     let mut rng = rand::rng();
     let url = store_url(&env);
-    let moved = |url: &str, kid: &str| -> usize {
-        rt().block_on(async {
-            let mut conn = connect(url).await;
+    // One runtime and connection for all the polling, so a poll takes about
+    // a millisecond and a kill lands close to its threshold even when the
+    // engine moves a hundred thousand rows a second.
+    let poll_rt = rt();
+    let poll_conn = std::cell::RefCell::new(Some(poll_rt.block_on(connect(&url))));
+    let moved = |_url: &str, kid: &str| -> usize {
+        let mut conn = poll_conn.borrow_mut().take().expect("poll connection");
+        let n = poll_rt.block_on(async {
             sqlx::query("SELECT COUNT(*) FROM secrets WHERE kid = $1")
                 .bind(kid)
                 .fetch_one(&mut conn)
                 .await
                 .unwrap()
                 .get::<i64, _>(0) as usize
-        })
+        });
+        *poll_conn.borrow_mut() = Some(conn);
+        n
     };
     // Each run is killed once a random number of further rows has
     // moved (polled), so every kill lands inside re-encryption, between
