@@ -47,7 +47,8 @@ struct DoneBatch {
     claim: Option<PgTx>,
 }
 
-/// Batches written at once on PostgreSQL (see `run_pass`).
+/// Batches written at once on PostgreSQL (see `run_pass`); for measurement,
+/// `KEYWARDEN_REENCRYPT_PG_WRITERS` (1 to 8) overrides it.
 const PG_WRITERS: usize = 2;
 
 /// What the engine needs besides the target.
@@ -195,7 +196,11 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
     // so two transactions write side by side. SQLite has one writer at a
     // time whatever we do.
     let writers = match target.backend {
-        Backend::Postgres => PG_WRITERS,
+        Backend::Postgres => std::env::var("KEYWARDEN_REENCRYPT_PG_WRITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n: &usize| (1..=8).contains(n))
+            .unwrap_or(PG_WRITERS),
         Backend::Sqlite => 1,
     };
     let done_rx = Arc::new(tokio::sync::Mutex::new(done_rx));

@@ -49,9 +49,10 @@ const MAX_KEY_CHANGES: u32 = 3;
 /// Default rows per batch (measured: see README "Tuning").
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
 /// Rows/s used for the `--dry-run` estimate, measured end to end on the
-/// development machine (2 cores) with the defaults.
+/// development machine (2 cores, loaded) with the defaults on 1M rows
+/// (README "Tuning"), rounded down.
 const ESTIMATED_ROWS_PER_SECOND: [(Backend, f64); 2] =
-    [(Backend::Sqlite, 60_000.0), (Backend::Postgres, 30_000.0)];
+    [(Backend::Sqlite, 100_000.0), (Backend::Postgres, 45_000.0)];
 
 /// What to run.
 #[derive(Clone, Debug, Default)]
