@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keywarden::crypto::fernet::FernetKey;
@@ -14,7 +13,7 @@ use sqlx::{Connection, Row};
 use crate::both_backends;
 use crate::support::*;
 
-fn store_url(env: &Env) -> String {
+pub(crate) fn store_url(env: &Env) -> String {
     match &env.database_url {
         Some(url) => url.clone(),
         None => format!(
@@ -41,7 +40,7 @@ fn secret_rows(env: &Env) -> Vec<(i64, String, String)> {
 }
 
 /// Every data key with material (whatever its state): kid -> key.
-fn all_data_keys(env: &Env) -> HashMap<String, FernetKey> {
+pub(crate) fn all_data_keys(env: &Env) -> HashMap<String, FernetKey> {
     let snapshot = env.run(&["keyring", "export"]).ok().json();
     let roots = RootKeys::parse_list(&env.root_key(), "test").unwrap();
     let mut out = HashMap::new();
@@ -76,7 +75,7 @@ fn check_all_under(env: &Env, kid: &str, n: usize) {
     }
 }
 
-fn seed_secrets(env: &Env, n: usize) {
+pub(crate) fn seed_secrets(env: &Env, n: usize) {
     let mut lines = Vec::new();
     for i in 0..n {
         let value = format!("{i:08}-{}", "x".repeat(90));
@@ -92,7 +91,7 @@ fn seed_secrets(env: &Env, n: usize) {
     env.run(&["secrets", "import", file.to_str().unwrap()]).ok();
 }
 
-fn active_kid(env: &Env, purpose: &str) -> String {
+pub(crate) fn active_kid(env: &Env, purpose: &str) -> String {
     let keys = env.run(&["keys", "list", "--json"]).ok().json();
     keys.as_array()
         .unwrap()
@@ -104,7 +103,7 @@ fn active_kid(env: &Env, purpose: &str) -> String {
         .to_string()
 }
 
-fn rows_under(env: &Env, kid: &str) -> u64 {
+pub(crate) fn rows_under(env: &Env, kid: &str) -> u64 {
     let census = env.run(&["keys", "census", "--json"]).ok().json();
     census
         .as_array()
@@ -115,7 +114,7 @@ fn rows_under(env: &Env, kid: &str) -> u64 {
         .sum()
 }
 
-fn audit_actions(env: &Env) -> Vec<(String, String)> {
+pub(crate) fn audit_actions(env: &Env) -> Vec<(String, String)> {
     let out = env.run(&["audit", "export"]).ok().stdout_str();
     out.lines()
         .filter(|l| !l.trim().is_empty())
@@ -333,76 +332,6 @@ both_backends!(a_killed_revoke_is_finished_by_running_it_again, |env| {
         true
     );
 });
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A private redis-server for one test (so acknowledgements of other tests'
-/// instances never mix in).
-struct PrivateRedis {
-    port: u16,
-    _dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl PrivateRedis {
-    fn start() -> Option<PrivateRedis> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("redis-server must be installed in CI");
-            }
-            eprintln!("skipping: redis-server is not installed");
-            return None;
-        }
-        let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let r = PrivateRedis {
-            port,
-            _dir: dir,
-            child,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(c) = redis::Client::open(r.url().as_str())
-                && let Ok(mut conn) = c.get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
-                return Some(r);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("private redis-server on {port} did not start");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 both_backends!(
     the_report_lists_instances_that_acknowledged_and_those_that_did_not,
