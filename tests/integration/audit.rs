@@ -645,7 +645,7 @@ both_backends!(an_unwritable_audit_log_stops_the_key_operation, |env| {
 
     // A worker's job that cannot write its audit rows does not run, fails
     // its run, and raises the audit_write_failed alert.
-    let receiver = crate::alerts::Receiver::start();
+    let receiver = crate::support::Receiver::start();
     std::fs::write(
         env.path().join("keywarden.toml"),
         format!(
