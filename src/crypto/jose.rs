@@ -42,6 +42,9 @@ use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
+use super::b64url;
+pub use super::claims::Claims;
+
 /// Default clock-skew allowance for `exp` and `nbf`, in seconds.
 pub const DEFAULT_LEEWAY_SECS: i64 = 60;
 
@@ -291,8 +294,8 @@ pub struct Verified {
     pub kid: String,
     /// Its algorithm.
     pub alg: SigningAlg,
-    /// The claims (a JSON object).
-    pub claims: Value,
+    /// The claims (a JSON object; [`Claims::to_value`] gives it as a `serde_json::Value`).
+    pub claims: Claims,
 }
 
 /// Generates fresh key material for `alg`: a 32-byte random secret for HS256, and an unencrypted
@@ -425,6 +428,7 @@ enum Verifier {
 }
 
 struct Entry {
+    kid: String,
     alg: SigningAlg,
     state: KeyUse,
     /// `None` for unusable keys: their material is never parsed, and may be absent.
@@ -433,25 +437,29 @@ struct Entry {
 
 /// Every key a verifier may meet, indexed by kid, with verification keys built once.
 ///
-/// Build a new set when the keyring changes (rotation, revocation); verifying is then a map
-/// lookup plus the signature primitive plus JSON parsing of the claims.
+/// Build a new set when the keyring changes (rotation, revocation); verifying is then a lookup,
+/// the signature primitive, and a scan of the claims (see [`super::claims`]).
 pub struct VerifierSet {
-    keys: HashMap<String, Entry>,
-    /// The exact encoded header our own [`SigningKey`] writes for each key, mapped to what parsing
-    /// it yields. Every token a key signs repeats these bytes, so recognising them skips a
-    /// base64 decode and a JSON parse per call; any other header takes the parsing path.
-    own_headers: HashMap<String, (String, SigningAlg)>,
+    entries: Vec<Entry>,
+    /// Position in `entries` by kid.
+    by_kid: HashMap<String, usize>,
+    /// The exact encoded header our own [`SigningKey`] writes for each usable key, with the
+    /// key's position in `entries`. Every token a key signs repeats these bytes, so recognising
+    /// them skips a base64 decode, a JSON parse and a hash of the kid per call; any other header
+    /// takes the parsing path. A plain list: a keyring has one active key and a few retiring
+    /// ones, and comparing a few short strings costs less than hashing one.
+    own_headers: Vec<(String, usize)>,
 }
 
 impl fmt::Debug for VerifierSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut kids: Vec<_> = self.keys.iter().collect();
-        kids.sort_by(|a, b| a.0.cmp(b.0));
+        let mut entries: Vec<&Entry> = self.entries.iter().collect();
+        entries.sort_by(|a, b| a.kid.cmp(&b.kid));
         let mut list = f.debug_list();
-        for (kid, entry) in kids {
+        for entry in entries {
             list.entry(&format_args!(
-                "{kid} {} {:?} [redacted]",
-                entry.alg, entry.state
+                "{} {} {:?} [redacted]",
+                entry.kid, entry.alg, entry.state
             ));
         }
         list.finish()
@@ -465,8 +473,9 @@ impl VerifierSet {
     pub fn new<'m>(
         keys: impl IntoIterator<Item = (String, SigningAlg, KeyUse, &'m [u8])>,
     ) -> Result<Self, KeyError> {
-        let mut map = HashMap::new();
-        let mut own_headers = HashMap::new();
+        let mut entries = Vec::new();
+        let mut by_kid = HashMap::new();
+        let mut own_headers = Vec::new();
         for (kid, alg, state, material) in keys {
             if !is_valid_kid(&kid) {
                 return Err(KeyError::InvalidKid);
@@ -475,39 +484,42 @@ impl VerifierSet {
                 KeyUse::Unusable(_) => None,
                 KeyUse::Active | KeyUse::Retiring => Some(build_verifier(&kid, alg, material)?),
             };
-            if map.contains_key(&kid) {
+            if by_kid.contains_key(&kid) {
                 return Err(KeyError::DuplicateKid(kid));
             }
-            let header_json = serde_json::to_vec(&signed_header(&kid, alg))
-                .expect("a JWS header always serializes");
-            own_headers.insert(URL_SAFE_NO_PAD.encode(header_json), (kid.clone(), alg));
-            map.insert(
+            let position = entries.len();
+            if verifier.is_some() {
+                let header_json = serde_json::to_vec(&signed_header(&kid, alg))
+                    .expect("a JWS header always serializes");
+                own_headers.push((URL_SAFE_NO_PAD.encode(header_json), position));
+            }
+            by_kid.insert(kid.clone(), position);
+            entries.push(Entry {
                 kid,
-                Entry {
-                    alg,
-                    state,
-                    verifier,
-                },
-            );
+                alg,
+                state,
+                verifier,
+            });
         }
         Ok(VerifierSet {
-            keys: map,
+            entries,
+            by_kid,
             own_headers,
         })
     }
 
     /// Number of keys in the set, usable or not.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.entries.len()
     }
 
     /// Whether the set holds no keys at all.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.entries.is_empty()
     }
 
     /// Verifies a compact JWS: size, header, kid, algorithm pinning, key state, signature, then
-    /// [`check_claims`]. The first failing check decides the error.
+    /// the claims ([`check_claims`]'s rules). The first failing check decides the error.
     pub fn verify(&self, token: &str, opts: &VerifyOptions) -> Result<Verified, VerifyError> {
         if token.len() > opts.max_size {
             return Err(VerifyError::TooLarge {
@@ -525,27 +537,29 @@ impl VerifierSet {
         };
         let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
 
-        let header_json;
-        let header = match self.own_headers.get(header_b64) {
-            Some((kid, alg)) => JwsHeader {
-                alg: *alg,
-                kid: Cow::Borrowed(kid.as_str()),
-            },
+        let own = self
+            .own_headers
+            .iter()
+            .find(|(header, _)| header.as_bytes() == header_b64.as_bytes());
+        let entry = match own {
+            Some(&(_, position)) => &self.entries[position],
             None => {
-                header_json = decode_b64(header_b64, "header")?;
-                parse_jws_header(&header_json)?
+                let header_json = decode_b64(header_b64, "header")?;
+                let header = parse_jws_header(&header_json)?;
+                let entry = self
+                    .by_kid
+                    .get(header.kid.as_ref())
+                    .map(|&position| &self.entries[position])
+                    .ok_or(VerifyError::UnknownKid)?;
+                if entry.alg != header.alg {
+                    return Err(VerifyError::AlgorithmMismatch {
+                        expected: entry.alg,
+                        found: header.alg,
+                    });
+                }
+                entry
             }
         };
-        let entry = self
-            .keys
-            .get(header.kid.as_ref())
-            .ok_or(VerifyError::UnknownKid)?;
-        if entry.alg != header.alg {
-            return Err(VerifyError::AlgorithmMismatch {
-                expected: entry.alg,
-                found: header.alg,
-            });
-        }
         let verifier = match (entry.state, &entry.verifier) {
             (KeyUse::Unusable(state), _) => return Err(VerifyError::KeyNotUsable(state)),
             (_, Some(verifier)) => verifier,
@@ -554,12 +568,14 @@ impl VerifierSet {
         };
 
         let mut signature_buf = [0u8; MAX_SIGNATURE_LEN];
-        if signature_b64.len() > MAX_SIGNATURE_LEN / 3 * 4 + 4 {
-            return Err(VerifyError::malformed("signature is too long"));
-        }
-        let signature_len = URL_SAFE_NO_PAD
-            .decode_slice(signature_b64, &mut signature_buf)
-            .map_err(|_| VerifyError::malformed("signature is not unpadded base64url"))?;
+        let signature_len = b64url::decode_into(signature_b64.as_bytes(), &mut signature_buf)
+            .ok_or_else(|| {
+                if b64url::decoded_len(signature_b64.len()).is_some_and(|n| n > MAX_SIGNATURE_LEN) {
+                    VerifyError::malformed("signature is too long")
+                } else {
+                    VerifyError::malformed("signature is not unpadded base64url")
+                }
+            })?;
         let signature = &signature_buf[..signature_len];
         let verified = match verifier {
             // `hmac::verify` compares tags in constant time.
@@ -568,12 +584,16 @@ impl VerifierSet {
         };
         verified.map_err(|_| VerifyError::BadSignature)?;
 
-        let payload = decode_b64(payload_b64, "payload")?;
-        let claims = parse_claims(&payload)?;
-        check_claims(&claims, opts)?;
+        let payload_len = b64url::decoded_len(payload_b64.len())
+            .ok_or_else(|| VerifyError::malformed("payload is not unpadded base64url"))?;
+        let mut payload = vec![0u8; payload_len];
+        b64url::decode_into(payload_b64.as_bytes(), &mut payload)
+            .ok_or_else(|| VerifyError::malformed("payload is not unpadded base64url"))?;
+        let claims = Claims::from_json(payload)?;
+        claims.check(opts)?;
         Ok(Verified {
-            kid: header.kid.into_owned(),
-            alg: header.alg,
+            kid: entry.kid.clone(),
+            alg: entry.alg,
             claims,
         })
     }
@@ -590,55 +610,7 @@ pub fn check_claims(claims: &Value, opts: &VerifyOptions) -> Result<(), VerifyEr
     let claims = claims
         .as_object()
         .ok_or_else(|| VerifyError::malformed("claims are not a JSON object"))?;
-    let leeway = opts.leeway_secs.max(0);
-
-    let exp = numeric_date(claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
-    if exp <= opts.now_unix.saturating_sub(leeway) as f64 {
-        return Err(VerifyError::Expired);
-    }
-    if let Some(nbf) = numeric_date(claims, "nbf")?
-        && nbf > opts.now_unix.saturating_add(leeway) as f64
-    {
-        return Err(VerifyError::NotYetValid);
-    }
-
-    if let Some(expected) = opts.issuer.as_deref() {
-        match claims.get("iss") {
-            None => return Err(VerifyError::MissingClaim("iss")),
-            Some(Value::String(iss)) if iss == expected => {}
-            Some(Value::String(_)) => return Err(VerifyError::WrongIssuer),
-            Some(_) => return Err(VerifyError::malformed("iss is not a string")),
-        }
-    }
-
-    match (opts.audience.as_deref(), claims.get("aud")) {
-        (None, None) => {}
-        (None, Some(_)) => return Err(VerifyError::WrongAudience),
-        (Some(_), None) => return Err(VerifyError::MissingClaim("aud")),
-        (Some(expected), Some(Value::String(aud))) => {
-            if aud != expected {
-                return Err(VerifyError::WrongAudience);
-            }
-        }
-        (Some(expected), Some(Value::Array(auds))) => {
-            let mut found = false;
-            for aud in auds {
-                match aud {
-                    Value::String(aud) => found |= aud == expected,
-                    _ => return Err(VerifyError::malformed("aud holds a non-string")),
-                }
-            }
-            if !found {
-                return Err(VerifyError::WrongAudience);
-            }
-        }
-        (Some(_), Some(_)) => {
-            return Err(VerifyError::malformed(
-                "aud is neither a string nor an array",
-            ));
-        }
-    }
-    Ok(())
+    super::claims::check(claims, opts)
 }
 
 /// The public JWK of an asymmetric signing key, with `kid`, `alg` and `use: "sig"`; `None` for
@@ -894,8 +866,13 @@ pub(crate) fn decode_b64(part: &str, what: &str) -> Result<Vec<u8>, VerifyError>
 /// Parses decoded claims: a single JSON object whose top-level names are all distinct. A repeated
 /// `exp` would otherwise let the last copy silently win.
 pub fn parse_claims(json: &[u8]) -> Result<Value, VerifyError> {
+    parse_claims_object(json).map(Value::Object)
+}
+
+/// [`parse_claims`], returning the object's map.
+pub(crate) fn parse_claims_object(json: &[u8]) -> Result<Map<String, Value>, VerifyError> {
     serde_json::from_slice::<StrictObject>(json)
-        .map(|object| Value::Object(object.0))
+        .map(|object| object.0)
         .map_err(|_| VerifyError::malformed("claims are not a JSON object with distinct names"))
 }
 
@@ -928,19 +905,6 @@ impl<'de> Deserialize<'de> for StrictObject {
             }
         }
         deserializer.deserialize_map(StrictVisitor)
-    }
-}
-
-fn numeric_date(
-    claims: &Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<f64>, VerifyError> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(VerifyError::Malformed(format!(
-            "{name} is not a NumericDate"
-        ))),
     }
 }
 
@@ -1086,6 +1050,7 @@ mod tests {
             assert_eq!(verified.kid, kid_of(alg));
             assert_eq!(verified.alg, alg);
             assert_eq!(verified.claims, claims());
+            assert!(verified.claims.was_scanned(), "{alg}");
         }
     }
 
@@ -1865,10 +1830,13 @@ mod tests {
         for alg in SigningAlg::ALL {
             let token = ours().signer(alg).sign(&claims()).unwrap();
             let header_b64 = token.split('.').next().unwrap();
-            assert_eq!(
-                set().own_headers.get(header_b64),
-                Some(&(kid_of(alg).to_owned(), alg))
-            );
+            let (_, position) = set()
+                .own_headers
+                .iter()
+                .find(|(header, _)| header == header_b64)
+                .expect("our header is precomputed");
+            let entry = &set().entries[*position];
+            assert_eq!((entry.kid.as_str(), entry.alg), (kid_of(alg), alg));
         }
     }
 
