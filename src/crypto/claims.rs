@@ -29,7 +29,7 @@ use super::jose::{VerifyError, VerifyOptions, parse_claims_object};
 const MAX_DEPTH: u32 = 32;
 
 /// Most top-level names the scanner tracks for the distinct-names rule.
-const MAX_NAMES: usize = 64;
+const MAX_NAMES: usize = 32;
 
 /// Integers with more digits than this are left to serde_json (they may not fit an `i64`).
 const MAX_INT_DIGITS: usize = 18;
@@ -342,7 +342,8 @@ fn name_key(name: &[u8]) -> (u32, u64, u64) {
 /// Scans a payload of the common shape (see the module comment). `None` means "not sure": the
 /// caller must parse with serde_json, which decides.
 fn scan(json: &[u8]) -> Option<Registered> {
-    if json.len() >= u32::MAX as usize || std::str::from_utf8(json).is_err() {
+    // `is_ascii` is a word-at-a-time check; full UTF-8 validation only runs for other payloads.
+    if json.len() >= u32::MAX as usize || !json.is_ascii() && std::str::from_utf8(json).is_err() {
         return None;
     }
     let mut s = Scanner { b: json, i: 0 };

@@ -27,6 +27,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::hmac;
@@ -59,6 +60,9 @@ pub const MAX_KID_LEN: usize = 256;
 
 /// Longest base64url signature we decode: an RSA-8192 signature is 1024 bytes.
 const MAX_SIGNATURE_LEN: usize = 1024;
+
+/// Longest non-RSA signature: an ES256 signature is 64 bytes (r || s).
+const SMALL_SIGNATURE_LEN: usize = 64;
 
 const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
 const PEM_END: &str = "-----END PRIVATE KEY-----";
@@ -291,7 +295,7 @@ impl VerifyOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verified {
     /// The key that verified it.
-    pub kid: String,
+    pub kid: Arc<str>,
     /// Its algorithm.
     pub alg: SigningAlg,
     /// The claims (a JSON object; [`Claims::to_value`] gives it as a `serde_json::Value`).
@@ -345,8 +349,19 @@ pub fn is_valid_kid(kid: &str) -> bool {
 pub struct SigningKey {
     kid: String,
     alg: SigningAlg,
-    header: jsonwebtoken::Header,
-    key: jsonwebtoken::EncodingKey,
+    /// The encoded header, `base64url({"typ":"JWT","alg":..,"kid":..})`, the same bytes for
+    /// every token this key signs.
+    header_b64: String,
+    key: PrivateSigner,
+}
+
+/// A private key parsed once, ready to sign.
+enum PrivateSigner {
+    /// The HMAC key schedule (boxed: it is far larger than the other variants).
+    Hmac(Box<hmac::Key>),
+    Rsa(RsaKeyPair),
+    Ec(EcdsaKeyPair),
+    Ed(Ed25519KeyPair),
 }
 
 impl fmt::Debug for SigningKey {
@@ -360,32 +375,24 @@ impl fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    /// Builds a signer from material as [`generate_signing_material`] produces it.
+    /// Builds a signer from material as [`generate_signing_material`] produces it. The material
+    /// is parsed here, once: signing is then JSON, base64url and the primitive.
     pub fn new(kid: &str, alg: SigningAlg, material: &[u8]) -> Result<Self, KeyError> {
         if !is_valid_kid(kid) {
             return Err(KeyError::InvalidKid);
         }
-        // Parsing with aws-lc-rs first checks that the material really is a key of this algorithm,
-        // so that signing cannot fail later for a reason that was knowable now.
-        parse_private_key(kid, alg, material)?;
-        let invalid = |reason| KeyError::InvalidMaterial {
-            kid: kid.to_owned(),
-            alg,
-            reason,
-        };
-        let key = match alg {
-            SigningAlg::HS256 => jsonwebtoken::EncodingKey::from_secret(material),
-            SigningAlg::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(material)
-                .map_err(|_| invalid("PEM not accepted by the JWT encoder"))?,
-            SigningAlg::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(material)
-                .map_err(|_| invalid("PEM not accepted by the JWT encoder"))?,
-            SigningAlg::EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(material)
-                .map_err(|_| invalid("PEM not accepted by the JWT encoder"))?,
+        let key = match parse_private_key(kid, alg, material)? {
+            PrivateKey::Hmac => {
+                PrivateSigner::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA256, material)))
+            }
+            PrivateKey::Rsa(pair) => PrivateSigner::Rsa(pair),
+            PrivateKey::Ec(pair) => PrivateSigner::Ec(pair),
+            PrivateKey::Ed(pair) => PrivateSigner::Ed(pair),
         };
         Ok(SigningKey {
             kid: kid.to_owned(),
             alg,
-            header: signed_header(kid, alg),
+            header_b64: signed_header_b64(kid, alg),
             key,
         })
     }
@@ -402,14 +409,58 @@ impl SigningKey {
 
     /// Signs `claims` (a JSON object) into a compact JWS with header `typ: JWT`, `alg` and `kid`.
     /// The caller supplies every claim, including `exp`, which verification requires.
+    ///
+    /// The framing is RFC 7515's compact serialization, byte for byte what `jsonwebtoken::encode`
+    /// writes for the same header and claims (a unit test compares them); the signature comes
+    /// from the key parsed in [`SigningKey::new`] instead of one re-parsed from DER per call.
     pub fn sign(&self, claims: &Value) -> Result<String, KeyError> {
         if !claims.is_object() {
             return Err(KeyError::ClaimsNotObject);
         }
-        jsonwebtoken::encode(&self.header, claims, &self.key).map_err(|_| KeyError::Signing {
+        let failed = || KeyError::Signing {
             kid: self.kid.clone(),
-        })
+        };
+        let payload = serde_json::to_vec(claims).map_err(|_| failed())?;
+        let mut token = String::with_capacity(
+            self.header_b64.len() + payload.len().div_ceil(3) * 4 + MAX_SIGNATURE_LEN / 3 * 4 + 8,
+        );
+        token.push_str(&self.header_b64);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        let input = token.as_bytes();
+        let mut buf = [0u8; MAX_SIGNATURE_LEN];
+        let mut put = |bytes: &[u8]| {
+            buf[..bytes.len()].copy_from_slice(bytes);
+            bytes.len()
+        };
+        let len = match &self.key {
+            PrivateSigner::Hmac(key) => put(hmac::sign(key, input).as_ref()),
+            PrivateSigner::Rsa(pair) => {
+                let len = pair.public_modulus_len();
+                let out = buf.get_mut(..len).ok_or_else(failed)?;
+                let rng = aws_lc_rs::rand::SystemRandom::new();
+                pair.sign(&signature::RSA_PKCS1_SHA256, &rng, input, out)
+                    .map_err(|_| failed())?;
+                len
+            }
+            PrivateSigner::Ec(pair) => {
+                let rng = aws_lc_rs::rand::SystemRandom::new();
+                put(pair.sign(&rng, input).map_err(|_| failed())?.as_ref())
+            }
+            PrivateSigner::Ed(pair) => put(pair.sign(input).as_ref()),
+        };
+        let signature = &buf[..len];
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
+        Ok(token)
     }
+}
+
+/// `base64url` of the JWS header [`SigningKey`] writes, as `jsonwebtoken` serializes it.
+fn signed_header_b64(kid: &str, alg: SigningAlg) -> String {
+    let header_json =
+        serde_json::to_vec(&signed_header(kid, alg)).expect("a JWS header always serializes");
+    URL_SAFE_NO_PAD.encode(header_json)
 }
 
 /// The JWS header [`SigningKey`] writes: `{"typ":"JWT","alg":..,"kid":..}`.
@@ -428,7 +479,9 @@ enum Verifier {
 }
 
 struct Entry {
-    kid: String,
+    /// Shared with every [`Verified`] this key produces, so that a verification allocates no
+    /// copy of it.
+    kid: Arc<str>,
     alg: SigningAlg,
     state: KeyUse,
     /// `None` for unusable keys: their material is never parsed, and may be absent.
@@ -489,13 +542,11 @@ impl VerifierSet {
             }
             let position = entries.len();
             if verifier.is_some() {
-                let header_json = serde_json::to_vec(&signed_header(&kid, alg))
-                    .expect("a JWS header always serializes");
-                own_headers.push((URL_SAFE_NO_PAD.encode(header_json), position));
+                own_headers.push((signed_header_b64(&kid, alg), position));
             }
             by_kid.insert(kid.clone(), position);
             entries.push(Entry {
-                kid,
+                kid: kid.into(),
                 alg,
                 state,
                 verifier,
@@ -567,22 +618,17 @@ impl VerifierSet {
             (_, None) => return Err(VerifyError::KeyNotUsable("invalid")),
         };
 
-        let mut signature_buf = [0u8; MAX_SIGNATURE_LEN];
-        let signature_len = b64url::decode_into(signature_b64.as_bytes(), &mut signature_buf)
-            .ok_or_else(|| {
-                if b64url::decoded_len(signature_b64.len()).is_some_and(|n| n > MAX_SIGNATURE_LEN) {
-                    VerifyError::malformed("signature is too long")
-                } else {
-                    VerifyError::malformed("signature is not unpadded base64url")
-                }
-            })?;
-        let signature = &signature_buf[..signature_len];
-        let verified = match verifier {
-            // `hmac::verify` compares tags in constant time.
-            Verifier::Hmac(key) => hmac::verify(key, signing_input, signature),
-            Verifier::Public(key) => key.verify_sig(signing_input, signature),
-        };
-        verified.map_err(|_| VerifyError::BadSignature)?;
+        // HMAC, ECDSA and Ed25519 signatures fit the small buffer; only RSA needs the large one
+        // (zeroing a kilobyte per token is a measurable share of an HS256 verification).
+        let signature_len = b64url::decoded_len(signature_b64.len())
+            .ok_or_else(|| VerifyError::malformed("signature is not unpadded base64url"))?;
+        if signature_len <= SMALL_SIGNATURE_LEN {
+            check_signature::<SMALL_SIGNATURE_LEN>(verifier, signing_input, signature_b64)?;
+        } else if signature_len <= MAX_SIGNATURE_LEN {
+            check_signature::<MAX_SIGNATURE_LEN>(verifier, signing_input, signature_b64)?;
+        } else {
+            return Err(VerifyError::malformed("signature is too long"));
+        }
 
         let payload_len = b64url::decoded_len(payload_b64.len())
             .ok_or_else(|| VerifyError::malformed("payload is not unpadded base64url"))?;
@@ -597,6 +643,24 @@ impl VerifierSet {
             claims,
         })
     }
+}
+
+/// Decodes the signature into an `N`-byte stack buffer and checks it over `signing_input`.
+fn check_signature<const N: usize>(
+    verifier: &Verifier,
+    signing_input: &[u8],
+    signature_b64: &str,
+) -> Result<(), VerifyError> {
+    let mut buf = [0u8; N];
+    let len = b64url::decode_into(signature_b64.as_bytes(), &mut buf)
+        .ok_or_else(|| VerifyError::malformed("signature is not unpadded base64url"))?;
+    let signature = &buf[..len];
+    let verified = match verifier {
+        // `hmac::verify` compares tags in constant time.
+        Verifier::Hmac(key) => hmac::verify(key, signing_input, signature),
+        Verifier::Public(key) => key.verify_sig(signing_input, signature),
+    };
+    verified.map_err(|_| VerifyError::BadSignature)
 }
 
 /// Checks the registered claims of already-authenticated claims against `opts`.
@@ -1047,7 +1111,7 @@ mod tests {
         for alg in SigningAlg::ALL {
             let token = ours().signer(alg).sign(&claims()).unwrap();
             let verified = set().verify(&token, &opts()).unwrap();
-            assert_eq!(verified.kid, kid_of(alg));
+            assert_eq!(&*verified.kid, kid_of(alg));
             assert_eq!(verified.alg, alg);
             assert_eq!(verified.claims, claims());
             assert!(verified.claims.was_scanned(), "{alg}");
@@ -1068,6 +1132,23 @@ mod tests {
                 header,
                 json!({ "typ": "JWT", "alg": alg.as_str(), "kid": kid_of(alg) })
             );
+        }
+    }
+
+    #[test]
+    fn signing_writes_what_jsonwebtoken_writes() {
+        // PKCS#1 v1.5, Ed25519 and HMAC are deterministic, so the tokens must be identical.
+        let ring = ours();
+        for alg in [SigningAlg::HS256, SigningAlg::RS256, SigningAlg::EdDSA] {
+            let material = ring.material(alg);
+            let key = match alg {
+                SigningAlg::HS256 => jsonwebtoken::EncodingKey::from_secret(material),
+                SigningAlg::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(material).unwrap(),
+                _ => jsonwebtoken::EncodingKey::from_ed_pem(material).unwrap(),
+            };
+            let expected =
+                jsonwebtoken::encode(&signed_header(kid_of(alg), alg), &claims(), &key).unwrap();
+            assert_eq!(ring.signer(alg).sign(&claims()).unwrap(), expected, "{alg}");
         }
     }
 
@@ -1562,8 +1643,8 @@ mod tests {
             ),
         ])
         .unwrap();
-        assert_eq!(grace.verify(&old_token, &opts()).unwrap().kid, "old");
-        assert_eq!(grace.verify(&new_token, &opts()).unwrap().kid, "new");
+        assert_eq!(&*grace.verify(&old_token, &opts()).unwrap().kid, "old");
+        assert_eq!(&*grace.verify(&new_token, &opts()).unwrap().kid, "new");
         let after = VerifierSet::new([
             (
                 "old".to_owned(),
@@ -1836,7 +1917,7 @@ mod tests {
                 .find(|(header, _)| header == header_b64)
                 .expect("our header is precomputed");
             let entry = &set().entries[*position];
-            assert_eq!((entry.kid.as_str(), entry.alg), (kid_of(alg), alg));
+            assert_eq!((&*entry.kid, entry.alg), (kid_of(alg), alg));
         }
     }
 
