@@ -326,6 +326,25 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// The position of the first `"` in `b` at or after `from`, eight bytes at a time.
+fn find_quote(b: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const QUOTES: u64 = 0x2222_2222_2222_2222;
+    let mut i = from;
+    while let Some(word) = b.get(i..i + 8) {
+        let x = u64::from_le_bytes(word.try_into().expect("8 bytes")) ^ QUOTES;
+        // Sets the high bit of the first zero byte of `x` (a quote), and only spuriously above
+        // it, so the lowest set bit marks the first quote.
+        let found = x.wrapping_sub(ONES) & !x & HIGHS;
+        if found != 0 {
+            return Some(i + (found.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    b.get(i..)?.iter().position(|&c| c == b'"').map(|at| i + at)
+}
+
 /// A name as a cheap comparison key: its length, first 8 and last 8 bytes. Names of 8 bytes or
 /// fewer are equal exactly when their keys are.
 fn name_key(name: &[u8]) -> (u32, u64, u64) {
@@ -342,8 +361,18 @@ fn name_key(name: &[u8]) -> (u32, u64, u64) {
 /// Scans a payload of the common shape (see the module comment). `None` means "not sure": the
 /// caller must parse with serde_json, which decides.
 fn scan(json: &[u8]) -> Option<Registered> {
-    // `is_ascii` is a word-at-a-time check; full UTF-8 validation only runs for other payloads.
-    if json.len() >= u32::MAX as usize || !json.is_ascii() && std::str::from_utf8(json).is_err() {
+    if json.len() >= u32::MAX as usize {
+        return None;
+    }
+    // One branch-free pass (the compiler vectorises it): a backslash or a control character
+    // anywhere sends the payload to serde_json, so strings below only need their closing quote;
+    // full UTF-8 validation runs only for payloads that are not plain ASCII.
+    let (mut special, mut high) = (false, 0u8);
+    for &b in json {
+        special |= (b == b'\\') | (b < 0x20);
+        high |= b;
+    }
+    if special || high >= 0x80 && std::str::from_utf8(json).is_err() {
         return None;
     }
     let mut s = Scanner { b: json, i: 0 };
@@ -431,18 +460,14 @@ impl Scanner<'_> {
         (self.b.get(self.i..end)? == word).then(|| self.i = end)
     }
 
-    /// After an opening quote: the content range of a string without escapes or control
-    /// characters, consuming the closing quote.
+    /// After an opening quote: the content range of a string, consuming the closing quote.
+    /// [`scan`] has checked that the payload holds no backslash and no control character, so the
+    /// next quote closes the string.
     fn string_body(&mut self) -> Option<(usize, usize)> {
         let start = self.i;
-        let len = self.b[start..]
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-        if self.b[start + len] != b'"' {
-            return None;
-        }
-        self.i = start + len + 1;
-        Some((start, start + len))
+        let end = find_quote(self.b, start)?;
+        self.i = end + 1;
+        Some((start, end))
     }
 
     /// A number in JSON grammar without an exponent; its value when it is an integer that fits
