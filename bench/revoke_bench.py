@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "keywarden"))
     ap.add_argument("--pg-admin")
     a = ap.parse_args()
+    a.bin = os.path.abspath(a.bin)  # commands run in a temporary directory
     with tempfile.TemporaryDirectory() as d:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARDEN_")}
         env["KEYWARDEN_DATA_DIR"] = os.path.join(d, "data")

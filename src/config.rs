@@ -819,6 +819,13 @@ impl Config {
     /// and without that `keywarden.toml` in the working directory if it
     /// exists. An explicitly named file must exist.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with_source(path).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], also saying where the config came from: the file's
+    /// path, or `defaults` when no file was named and `keywarden.toml` does
+    /// not exist (the worker records it in the audit log).
+    pub fn load_with_source(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
         let env = process_env()?;
         let from_env = env
             .iter()
@@ -834,7 +841,12 @@ impl Config {
             Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => return Err(ConfigError::Unreadable { path, source }),
         };
-        Config::from_sources(text.as_deref().map(|t| (path.as_path(), t)), &env)
+        let source = match &text {
+            Some(_) => path.display().to_string(),
+            None => "defaults".to_string(),
+        };
+        let config = Config::from_sources(text.as_deref().map(|t| (path.as_path(), t)), &env)?;
+        Ok((config, source))
     }
 
     /// Builds the config from a file's text (with its path, for messages) and

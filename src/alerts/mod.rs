@@ -228,9 +228,20 @@ pub async fn check_alerts_with(
 /// a caller in a long-running process may drop the `Pending`.
 pub async fn raise_event(app: &App, event: &Event, now: DateTime<Utc>) -> anyhow::Result<Pending> {
     let n = event.notification(Vec::new(), now);
-    app.store
+    // The record feeds history and figures; the notification matters more.
+    // A store that refuses the record (the very failure some events are
+    // about) must not keep the alert from going out.
+    if let Err(e) = app
+        .store
         .record_alert_event(event.name(), &event.subject(), &n.summary, now)
-        .await?;
+        .await
+    {
+        tracing::warn!(
+            alert.rule = event.name(),
+            "cannot record the {} alert in the store (sending it anyway): {e:#}",
+            event.name()
+        );
+    }
     let dispatcher = Dispatcher::new(app.store.clone(), &app.config.alerts)?;
     Ok(dispatcher.enqueue(n))
 }

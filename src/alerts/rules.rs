@@ -652,7 +652,7 @@ impl Event {
             }
             Event::KeyRevoked { kid, reason } => format!("key {kid} was revoked: {reason}"),
             Event::RowQuarantined { target, row, error } => {
-                format!("row {row} of {target} was quarantined: {error}")
+                format!("{target}: quarantined row(s) {row}: {error}")
             }
             Event::AuditWriteFailed { error } => {
                 format!(
@@ -961,5 +961,10 @@ mod tests {
             error: "no key".into(),
         };
         assert_eq!(q.severity(), Severity::Warning);
+        assert!(
+            q.notification(vec![], t(0))
+                .summary
+                .contains("secrets: quarantined row(s) 7: no key")
+        );
     }
 }

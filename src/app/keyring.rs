@@ -64,6 +64,14 @@ pub struct SnapshotKey {
     pub rotate_after: Option<DateTime<Utc>>,
     pub retire_after: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Why the key was revoked (null unless revoked). Added after the first
+    /// documents were written: an older export imports with no reason.
+    #[serde(default)]
+    pub revoked_reason: Option<String>,
+    /// When the key's material was erased (null unless destroyed); absent
+    /// from older exports.
+    #[serde(default)]
+    pub destroyed_at: Option<DateTime<Utc>>,
     /// A Fernet token made with the root key whose plaintext is the key
     /// material; null once the key is destroyed.
     pub wrapped: Option<String>,
@@ -495,12 +503,18 @@ impl App {
     pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let epoch = self.store.epoch().await?;
         let keys = self.store.list_keys(None).await?;
+        let mut destroyed = self.store.destroyed_times().await?;
         Ok(Snapshot {
             epoch,
             root_kid: self.roots.newest().id().to_string(),
             keys: keys
                 .into_iter()
                 .map(|k| SnapshotKey {
+                    destroyed_at: if k.meta.state == KeyState::Destroyed {
+                        destroyed.remove(&k.meta.kid)
+                    } else {
+                        None
+                    },
                     kid: k.meta.kid,
                     purpose: k.meta.purpose.as_str().into(),
                     algorithm: k.meta.algorithm.as_str().into(),
@@ -511,6 +525,7 @@ impl App {
                     rotate_after: k.meta.rotate_after,
                     retire_after: k.meta.retire_after,
                     revoked_at: k.meta.revoked_at,
+                    revoked_reason: k.revoked_reason,
                     wrapped: k.wrapped.token,
                     wrapped_root_kid: k.wrapped.root_kid,
                     row_mac: k.wrapped.row_mac,

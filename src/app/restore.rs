@@ -51,7 +51,7 @@ fn to_stored(k: &super::keyring::SnapshotKey) -> anyhow::Result<StoredKey> {
             root_kid: k.wrapped_root_kid.clone(),
             row_mac: k.row_mac.clone(),
         },
-        revoked_reason: None,
+        revoked_reason: k.revoked_reason.clone(),
     })
 }
 
@@ -151,6 +151,14 @@ impl App {
         let mut events = Vec::new();
         for k in &new {
             keystore::insert_key(&mut tx, k).await?;
+            if let Some(at) = doc
+                .keys
+                .iter()
+                .find(|d| d.kid == k.meta.kid)
+                .and_then(|d| d.destroyed_at)
+            {
+                keystore::set_destroyed_at(&mut tx, &k.meta.kid, at).await?;
+            }
             if k.meta.state == KeyState::Active {
                 outbox.push(("activate", k.meta.kid.as_str(), k.meta.purpose));
             }

@@ -203,6 +203,15 @@ pub async fn verify_store(app: &App) -> anyhow::Result<VerifyOutcome> {
     Ok(outcome(verifier.finish(), anchor_seq))
 }
 
+/// The context of the error a checkpoint returns when the chain does not
+/// verify: the job runner raises the `audit_chain_broken` alert from it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the audit chain is broken at row {first_bad_row}")]
+pub struct ChainBroken {
+    pub first_bad_row: i64,
+    pub reason: String,
+}
+
 /// The `audit-checkpoint` job: verifies the chain (a broken chain gets no
 /// checkpoint and the error is a `Rejected`: alert on it), writes a signed
 /// checkpoint of its head, then applies retention (`audit.retention`),
@@ -220,11 +229,14 @@ pub async fn checkpoint_with(
 ) -> anyhow::Result<CheckpointOutcome> {
     let report = verify_store(app).await?;
     if !report.ok {
-        return Err(Rejected(format!(
-            "the audit chain does not verify, so no checkpoint was written: {}",
-            report.reason.as_deref().unwrap_or("broken")
-        ))
-        .into());
+        let reason = report.reason.clone().unwrap_or_else(|| "broken".into());
+        return Err(anyhow::Error::new(Rejected(format!(
+            "the audit chain does not verify, so no checkpoint was written: {reason}"
+        )))
+        .context(ChainBroken {
+            first_bad_row: report.first_bad_row.unwrap_or(0),
+            reason,
+        }));
     }
     let keys = app.audit_keys().await?;
     let cp = Checkpoint::sign(

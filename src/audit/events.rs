@@ -54,12 +54,28 @@ pub fn job_started(job: &str, scheduled_at: i64) -> Event {
         .detail("scheduled_at", scheduled_at)
 }
 
-/// A job run finished; `actions` is what it did (strings or integers).
+/// A job run finished; `actions` is what it did. Details hold no floats
+/// (their canonical form would differ between writers), so a figure such
+/// as a duration in seconds is kept as its decimal text.
 pub fn job_finished(job: &str, scheduled_at: i64, actions: Value) -> Event {
     Event::new(action::JOB_FINISHED)
         .target(job)
         .detail("scheduled_at", scheduled_at)
-        .detail("actions", actions)
+        .detail("actions", floats_as_text(actions))
+}
+
+/// `value` with every number that is not an integer replaced by its text.
+fn floats_as_text(value: Value) -> Value {
+    match value {
+        Value::Number(n) if !(n.is_i64() || n.is_u64()) => Value::String(n.to_string()),
+        Value::Array(items) => Value::Array(items.into_iter().map(floats_as_text).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, floats_as_text(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// A job run failed; `error` is the error's message (which never holds a
@@ -122,5 +138,14 @@ mod tests {
             "denied"
         );
         assert_eq!(job_failed("expire-keys", 0, "db down").action, "job.failed");
+        let e = job_finished(
+            "reencrypt-secrets",
+            0,
+            serde_json::json!([{"seconds": 0.25, "rows": 3, "nested": {"v": 1.5}}]),
+        );
+        assert_eq!(
+            e.details["actions"],
+            serde_json::json!([{"seconds": "0.25", "rows": 3, "nested": {"v": "1.5"}}])
+        );
     }
 }

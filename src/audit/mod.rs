@@ -266,6 +266,25 @@ impl App {
         let tx = self.store.begin().await?;
         commit(self, tx, events, now).await
     }
+
+    /// Records that this process loaded its config from `source` (what
+    /// `Config::load_with_source` said). The digest is of the redacted
+    /// config, so it shows whether two workers run the same settings
+    /// without making a password guessable from the log.
+    pub async fn audit_config_loaded(
+        &self,
+        source: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let text = self.config.to_redacted_toml();
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+        self.audit_now(
+            vec![events::config_loaded(source, &hex::encode(digest.as_ref()))],
+            now,
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 /// Appends one event to the chain in the caller's transaction and returns
@@ -348,6 +367,13 @@ pub async fn record_all(
     Ok(out)
 }
 
+/// The context of every error from writing audit rows: a caller (the job
+/// runner) finds it with `err.downcast_ref::<AuditUnwritable>()` and raises
+/// the `audit_write_failed` alert.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the audit log could not be written, so nothing was changed")]
+pub struct AuditUnwritable;
+
 /// Records `events` as the last writes of `tx`, commits, then logs them.
 /// If any row cannot be written the transaction rolls back and the whole
 /// operation fails: nothing happens without its audit row.
@@ -359,7 +385,7 @@ pub async fn commit(
 ) -> anyhow::Result<Vec<AuditRecord>> {
     let out = record_all(&mut tx, app, events, now)
         .await
-        .context("the audit log could not be written, so nothing was changed")?;
+        .context(AuditUnwritable)?;
     tx.commit().await.context("committing")?;
     for r in &out {
         emit(r);

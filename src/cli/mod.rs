@@ -143,6 +143,11 @@ impl Ctx {
         Ok(Config::load(self.config_path.as_deref())?)
     }
 
+    /// The config and where it came from (a file path or `defaults`).
+    pub fn config_with_source(&self) -> anyhow::Result<(Config, String)> {
+        Ok(Config::load_with_source(self.config_path.as_deref())?)
+    }
+
     /// Opens config, store and root keys.
     pub async fn open(&self, mode: OpenMode) -> anyhow::Result<App> {
         let config = self.config()?;

@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::{Ctx, print_json};
 use crate::app::OpenMode;
+use crate::audit::Actor;
 use crate::scheduler::runner::Runner;
 use crate::scheduler::{self, worker};
 
@@ -19,7 +20,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
-    let config = ctx.config()?;
+    let (config, config_source) = ctx.config_with_source()?;
     // Check the job files before touching the store: a typo stops here.
     let jobs = scheduler::load_jobs(&config)?;
     let app = ctx.open(OpenMode::Create).await?;
@@ -28,6 +29,14 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
     } else {
         super::now()
     };
+    // Everything this process does from here on is the worker's doing.
+    let worker_id = scheduler::worker_id(&app.config);
+    app.set_audit_actor(Actor::Worker(worker_id.clone()));
+    if let Err(e) = app.audit_config_loaded(&config_source, now).await {
+        // Key operations audit in their own transactions and fail closed;
+        // a worker that cannot write this row keeps running and says so.
+        tracing::error!("cannot record the config load in the audit log: {e:#}");
+    }
     // `run` on a fresh store is the README's first command: it makes the
     // first keys itself, like `init`.
     let created = app.ensure_active_keys(now).await?;
@@ -40,7 +49,6 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
             k.kid
         );
     }
-    let worker_id = scheduler::worker_id(&app.config);
     tracing::info!(
         store = crate::store::redact_url(&app.paths.database_url).as_str(),
         jobs.source = jobs.source.as_str(),

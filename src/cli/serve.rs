@@ -19,7 +19,11 @@ pub struct ServeArgs {
 }
 
 pub async fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
+    let (_, config_source) = ctx.config_with_source()?;
     let mut app = ctx.open(OpenMode::Existing).await?;
+    if let Err(e) = app.audit_config_loaded(&config_source, super::now()).await {
+        tracing::error!("cannot record the config load in the audit log: {e:#}");
+    }
     if let Some(bind) = args.bind {
         app.config.http.bind = bind;
     }

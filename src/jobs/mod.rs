@@ -21,7 +21,10 @@ pub mod rotate;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+use crate::alerts::rules::Event as AlertEvent;
 use crate::app::App;
+use crate::audit::AuditUnwritable;
+use crate::audit::checkpoint::ChainBroken;
 use crate::scheduler::defs::{JobDef, JobKind};
 use crate::store::job_runs::RunStatus;
 
@@ -37,6 +40,9 @@ pub struct JobOutcome {
     pub actions: Vec<Value>,
     /// Set when the run failed; the actions still list what succeeded.
     pub error: Option<String>,
+    /// Event alerts the runner raises after the run (an audit row that
+    /// could not be written, a broken audit chain).
+    pub alerts: Vec<AlertEvent>,
 }
 
 impl JobOutcome {
@@ -44,13 +50,28 @@ impl JobOutcome {
     pub fn ok(actions: Vec<Value>) -> JobOutcome {
         JobOutcome {
             actions,
-            error: None,
+            ..JobOutcome::default()
         }
     }
 
     /// Records a failed step: an action naming it and the run's error.
     pub fn fail(&mut self, step: &str, err: &anyhow::Error) {
         let msg = format!("{step}: {err:#}");
+        let alert = if let Some(broken) = err.downcast_ref::<ChainBroken>() {
+            Some(AlertEvent::AuditChainBroken {
+                first_bad_row: broken.first_bad_row,
+                reason: broken.reason.clone(),
+            })
+        } else if err.downcast_ref::<AuditUnwritable>().is_some() {
+            Some(AlertEvent::AuditWriteFailed { error: msg.clone() })
+        } else {
+            None
+        };
+        if let Some(a) = alert
+            && !self.alerts.iter().any(|x| x.name() == a.name())
+        {
+            self.alerts.push(a);
+        }
         self.actions
             .push(json!({"action": "failed", "step": step, "error": format!("{err:#}")}));
         self.error = Some(match self.error.take() {
@@ -113,4 +134,37 @@ fn test_delay() -> Option<u64> {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|ms| *ms > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_audit_write_or_broken_chain_asks_for_its_alert_once() {
+        let mut out = JobOutcome::default();
+        let unwritable = anyhow::anyhow!("disk full")
+            .context(AuditUnwritable)
+            .context("rotating the data key");
+        out.fail("rotate", &unwritable);
+        out.fail("rotate again", &unwritable);
+        out.fail("other", &anyhow::anyhow!("something else"));
+        assert_eq!(out.alerts.len(), 1, "{:?}", out.alerts);
+        assert_eq!(out.alerts[0].name(), "audit_write_failed");
+
+        let broken = anyhow::anyhow!("does not verify").context(ChainBroken {
+            first_bad_row: 7,
+            reason: "row 7 was changed".into(),
+        });
+        let mut out = JobOutcome::default();
+        out.fail("audit checkpoint", &broken);
+        assert_eq!(
+            out.alerts,
+            [AlertEvent::AuditChainBroken {
+                first_bad_row: 7,
+                reason: "row 7 was changed".into()
+            }]
+        );
+        assert_eq!(out.status(), RunStatus::Failed);
+    }
 }

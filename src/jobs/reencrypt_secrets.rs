@@ -47,9 +47,37 @@ pub async fn run(
                         summary.rows_failed
                     ),
                 );
+                for t in summary.targets.iter().filter(|t| t.rows_failed > 0) {
+                    out.alerts.push(quarantine_alert(app, &t.target).await);
+                }
             }
         }
         Err(e) => out.fail("re-encrypt", &e),
     }
     out
+}
+
+/// The `row_quarantined` alert for `target`: its quarantined row ids (the
+/// first ten; ids are the table's own keys, never secret values).
+async fn quarantine_alert(app: &App, target: &str) -> crate::alerts::rules::Event {
+    const SHOWN: usize = 10;
+    let row = match crate::reencrypt::quarantine::ids(&app.store, target).await {
+        Ok(ids) => {
+            let mut ids: Vec<String> = ids.into_iter().collect();
+            ids.sort();
+            let more = ids.len().saturating_sub(SHOWN);
+            ids.truncate(SHOWN);
+            let mut row = ids.join(", ");
+            if more > 0 {
+                row.push_str(&format!(" and {more} more"));
+            }
+            row
+        }
+        Err(_) => "(see keys census)".into(),
+    };
+    crate::alerts::rules::Event::RowQuarantined {
+        target: target.to_string(),
+        row,
+        error: "no known key decrypts them; they are left untouched".into(),
+    }
 }

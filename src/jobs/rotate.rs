@@ -38,7 +38,17 @@ pub async fn run(
         let step = format!("rotate {purpose}");
         match rotate_one(app, purpose, now, dry_run).await {
             Ok(action) => out.actions.push(action),
-            Err(e) => out.fail(&step, &e),
+            Err(e) => {
+                out.fail(&step, &e);
+                // The rotation_success_rate figure counts these events.
+                if !dry_run {
+                    out.alerts
+                        .push(crate::alerts::rules::Event::RotationFailed {
+                            purpose: purpose.as_str().into(),
+                            error: format!("{e:#}"),
+                        });
+                }
+            }
         }
     }
     out

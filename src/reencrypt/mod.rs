@@ -36,6 +36,7 @@ use rotate::RotateKeys;
 use target::{OWN_SECRETS, Target};
 
 use crate::app::App;
+use crate::audit::events;
 use crate::error::UsageError;
 use crate::store::Backend;
 
@@ -204,10 +205,58 @@ pub async fn open_targets(app: &App, only: Option<&str>) -> anyhow::Result<Vec<T
 /// no compare-and-set misses remain; then the census, and data keys it
 /// shows protect no row retire. `now` stamps the quarantine and the
 /// retirement.
+///
+/// A run that finds rows to move is audited: `reencrypt.started` (with the
+/// rows planned, written before the first row is touched: if it cannot be
+/// written nothing is) and `reencrypt.finished` with the counts, or with
+/// the error that ended it. A run with nothing to do writes no audit row
+/// (the `reencrypt-secrets` job ticks often; its job rows say it ran).
 pub async fn run_reencrypt(
     app: &App,
     opts: &Options,
     now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let mut audited_start = false;
+    let result = run_unaudited(app, opts, now, &mut audited_start).await;
+    if !audited_start {
+        return result;
+    }
+    let target = opts.target.as_deref().unwrap_or("all");
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let event = match &result {
+        Ok(s) => events::reencrypt_finished(
+            target,
+            s.rows_scanned,
+            s.rows_reencrypted,
+            s.rows_failed,
+            elapsed_ms,
+        ),
+        Err(e) => {
+            let (scanned, moved) = opts.progress.as_ref().map_or((0, 0), |p| {
+                (
+                    p.done.load(Ordering::Relaxed),
+                    p.reencrypted.load(Ordering::Relaxed),
+                )
+            });
+            events::reencrypt_finished(target, scanned, moved, 0, elapsed_ms)
+                .outcome("failed")
+                .detail("error", format!("{e:#}"))
+        }
+    };
+    if let Err(e) = app.audit_now(vec![event], now).await {
+        // The rows moved are safe either way; the missing end row shows
+        // in the log as a start without a finish.
+        tracing::error!("cannot record the end of the re-encryption in the audit log: {e:#}");
+    }
+    result
+}
+
+async fn run_unaudited(
+    app: &App,
+    opts: &Options,
+    now: chrono::DateTime<chrono::Utc>,
+    audited_start: &mut bool,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let batch_size = opts
@@ -286,6 +335,20 @@ pub async fn run_reencrypt(
             total + progress.done.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        if total > 0 && !*audited_start {
+            let target = opts.target.as_deref().unwrap_or("all");
+            app.audit_now(
+                vec![events::reencrypt_started(
+                    target,
+                    &keys.active_kid,
+                    Some(total),
+                )],
+                now,
+            )
+            .await
+            .context("recording the start of the re-encryption in the audit log")?;
+            *audited_start = true;
+        }
         tracing::info!(
             key.id = keys.active_kid.as_str(),
             rows = total,

@@ -11,8 +11,12 @@ use serde_json::Value;
 
 use super::defs::JobDef;
 use crate::app::App;
+use crate::audit::events;
 use crate::jobs::{self, JobOutcome};
 use crate::store::job_runs::{Claim, Lease, NewRun, Origin, RunStatus};
+
+/// How long a run waits for its event alerts to be delivered.
+const ALERT_WAIT: Duration = Duration::from_secs(15);
 
 /// What one attempt to run a job came to (the `job run --json` document).
 #[derive(Clone, Debug, Serialize)]
@@ -205,7 +209,17 @@ impl Runner {
                 }
                 report.run_id = Some(run_id);
                 let started = Instant::now();
-                let outcome = self.run_holding(def, &lease, scheduled_at, now).await;
+                // Fail closed: a run whose start cannot be audited does not
+                // run (its key operations could not be audited either).
+                let began = events::job_started(&def.name, scheduled_at.timestamp());
+                let outcome = match self.app.audit_now(vec![began], now).await {
+                    Ok(_) => self.run_holding(def, &lease, scheduled_at, now).await,
+                    Err(e) => {
+                        let mut out = JobOutcome::default();
+                        out.fail("record the run's start in the audit log", &e);
+                        out
+                    }
+                };
                 let duration = elapsed(started);
                 report.finished_at = now + duration;
                 report.status = outcome.status().as_str().into();
@@ -232,7 +246,22 @@ impl Runner {
                         def.name
                     );
                 }
+                let ended = match &outcome.error {
+                    Some(e) => events::job_failed(&def.name, scheduled_at.timestamp(), e),
+                    None => {
+                        events::job_finished(&def.name, scheduled_at.timestamp(), actions.clone())
+                    }
+                };
+                if let Err(e) = self.app.audit_now(vec![ended], report.finished_at).await {
+                    tracing::error!(
+                        job.name = def.name.as_str(),
+                        run.id = run_id,
+                        "cannot record the end of run {run_id} of {} in the audit log: {e:#}",
+                        def.name
+                    );
+                }
                 self.app.store.release_lease(&lease).await?;
+                self.raise_alerts(def, &outcome, report.finished_at).await;
                 match &outcome.error {
                     Some(e) => tracing::error!(
                         job.name = def.name.as_str(),
@@ -265,6 +294,32 @@ impl Runner {
                 report.actions = outcome.actions;
                 report.error = outcome.error;
                 Ok(report)
+            }
+        }
+    }
+
+    /// Sends the event alerts the run asked for, waiting (bounded) for the
+    /// deliveries so a one-shot `run --once` does not exit before them.
+    async fn raise_alerts(&self, def: &JobDef, outcome: &JobOutcome, now: DateTime<Utc>) {
+        for event in &outcome.alerts {
+            match crate::alerts::raise_event(&self.app, event, now).await {
+                Ok(pending) => {
+                    if tokio::time::timeout(ALERT_WAIT, pending.wait())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            job.name = def.name.as_str(),
+                            "the {} alert is still being delivered; not waiting longer",
+                            event.name()
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(
+                    job.name = def.name.as_str(),
+                    "cannot raise the {} alert: {e:#}",
+                    event.name()
+                ),
             }
         }
     }

@@ -91,6 +91,20 @@ impl Store {
         row.as_ref().map(row_to_key).transpose()
     }
 
+    /// When each destroyed key's material was erased: kid -> time. Read
+    /// apart from [`StoredKey`] (which has no such field) for the export.
+    pub async fn destroyed_times(
+        &self,
+    ) -> anyhow::Result<std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>> {
+        let rows = sqlx::query("SELECT kid, destroyed_at FROM keys WHERE destroyed_at IS NOT NULL")
+            .fetch_all(self.pool())
+            .await
+            .context("reading destruction times")?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kid")?, from_unix(r.try_get("destroyed_at")?))))
+            .collect()
+    }
+
     /// The current keyring epoch (0 before any change).
     pub async fn epoch(&self) -> anyhow::Result<i64> {
         Ok(self
@@ -222,6 +236,22 @@ pub async fn destroy_key(
     .await
     .with_context(|| format!("destroying key {kid}"))?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Sets when a destroyed key's material was erased (`keyring import`
+/// restoring an exported `destroyed_at`).
+pub async fn set_destroyed_at(
+    conn: &mut AnyConnection,
+    kid: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    sqlx::query("UPDATE keys SET destroyed_at = $1 WHERE kid = $2")
+        .bind(to_unix(at))
+        .bind(kid)
+        .execute(&mut *conn)
+        .await
+        .with_context(|| format!("restoring when key {kid} was destroyed"))?;
+    Ok(())
 }
 
 /// Replaces a key's wrapping (root key rotation).

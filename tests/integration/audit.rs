@@ -272,6 +272,88 @@ both_backends!(every_key_operation_leaves_its_audit_row, |env| {
     assert!(status["audit"]["last_checkpoint_seq"].as_i64().is_some());
 });
 
+both_backends!(
+    worker_runs_reencryption_and_config_loads_are_audited,
+    |env| {
+        env.init();
+        let import: String = (0..40)
+            .map(|i| format!("{{\"name\": \"n{i}\", \"value\": \"v{i}\"}}\n"))
+            .collect();
+        std::fs::write(env.path().join("in.jsonl"), import).unwrap();
+        env.run(&["secrets", "import", "in.jsonl"]).ok();
+        let new_kid = env.run(&["keys", "rotate", "data", "--json"]).ok().json()["new_kid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+
+        // One worker pass over every job, as an external cron would run it.
+        let out = env
+            .cmd(&["run", "--once", "--json"])
+            .env("KEYWARDEN_WORKER__ID", "w-audit")
+            .env("KEYWARDEN_NOW", chrono::Utc::now().to_rfc3339())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reports: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let ran: Vec<&str> = reports
+            .iter()
+            .filter(|r| r["status"] == "ok")
+            .map(|r| r["job"].as_str().unwrap())
+            .collect();
+        assert!(ran.contains(&"reencrypt-secrets"), "{reports:?}");
+
+        let export = |action: &str| -> Vec<Value> {
+            env.run(&["audit", "export", "--action", action])
+                .ok()
+                .stdout_str()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        let loaded = export("config.loaded");
+        assert_eq!(loaded.len(), 1, "{loaded:?}");
+        assert_eq!(loaded[0]["actor"], "worker:w-audit");
+        assert_eq!(loaded[0]["target"], "defaults");
+        assert_eq!(loaded[0]["details"]["sha256"].as_str().unwrap().len(), 64);
+        let started = export("job.started");
+        let finished = export("job.finished");
+        for job in &ran {
+            for (what, rows) in [("started", &started), ("finished", &finished)] {
+                let mine: Vec<&Value> = rows.iter().filter(|r| r["target"] == *job).collect();
+                assert_eq!(mine.len(), 1, "job {job} {what}: {rows:?}");
+                assert_eq!(mine[0]["actor"], "worker:w-audit");
+            }
+        }
+        let re = export("reencrypt.");
+        assert_eq!(re.len(), 2, "{re:?}");
+        assert_eq!(re[0]["action"], "reencrypt.started");
+        assert_eq!(re[0]["details"]["to_kid"], new_kid.as_str());
+        assert_eq!(re[0]["details"]["rows_planned"], 40);
+        assert_eq!(re[1]["action"], "reencrypt.finished");
+        assert_eq!(re[1]["outcome"], "ok");
+        assert_eq!(re[1]["details"]["rows_reencrypted"], 40);
+        assert_eq!(re[1]["actor"], "worker:w-audit");
+
+        // An operator's run is the operator's; a run with nothing to do adds
+        // no re-encryption rows.
+        env.run(&["keys", "rotate", "data"]).ok();
+        env.run(&["reencrypt"]).ok();
+        env.run(&["reencrypt"]).ok();
+        let re = export("reencrypt.");
+        assert_eq!(re.len(), 4, "{re:?}");
+        assert!(
+            re[3]["actor"].as_str().unwrap().starts_with("cli:"),
+            "{re:?}"
+        );
+        assert_eq!(verify(&env)["ok"], true);
+    }
+);
+
 /// A log of a few dozen rows with a checkpoint in the middle.
 fn build_log(env: &Env) -> i64 {
     env.init();
@@ -560,6 +642,29 @@ both_backends!(an_unwritable_audit_log_stops_the_key_operation, |env| {
     assert_eq!(env.run(&["status", "--json"]).ok().json()["epoch"], epoch);
     // The root key file still opens the store.
     env.run(&["secrets", "list"]).ok();
+
+    // A worker's job that cannot write its audit rows does not run, fails
+    // its run, and raises the audit_write_failed alert.
+    let receiver = crate::support::Receiver::start();
+    std::fs::write(
+        env.path().join("keywarden.toml"),
+        format!(
+            "[alerts.webhook]\nurl = \"{}/ok-audit\"\nsecret_env = \"KW_TEST_HOOK\"\n",
+            receiver.base
+        ),
+    )
+    .unwrap();
+    env.set_env("KW_TEST_HOOK", "hook-secret");
+    let r = env
+        .run(&["job", "run", "rotate-temp-keys", "--json"])
+        .code(1);
+    assert!(r.stdout_str().contains("audit"), "{}", r.stdout_str());
+    let got = receiver.requests("/ok-audit");
+    assert_eq!(got.len(), 1, "one alert");
+    let body: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body["rule"], "audit_write_failed", "{body}");
+    assert_eq!(body["severity"], "critical", "{body}");
+    assert_eq!(env.run(&["keys", "list", "--json"]).ok().json(), before);
 });
 
 both_backends!(no_secret_reaches_logs_audit_rows_or_checkpoints, |env| {

@@ -9,6 +9,7 @@ mod http;
 mod keyring;
 mod reencrypt;
 mod revoke;
+mod revoke_e2e;
 mod sync;
 mod tokens;
 mod worker;

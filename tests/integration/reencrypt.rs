@@ -599,3 +599,54 @@ fn a_database_that_goes_away_mid_run_ends_with_a_clear_error_and_nothing_half_wr
     assert_eq!(digests(&env), before);
     assert_eq!(key_state(&env, &old), "retired");
 }
+
+both_backends!(
+    the_reencrypt_job_raises_row_quarantined_for_a_row_no_key_decrypts,
+    |env| {
+        let receiver = crate::alerts::Receiver::start();
+        env.init();
+        std::fs::write(
+            env.path().join("keywarden.toml"),
+            format!(
+                "[alerts.webhook]\nurl = \"{}/ok-quarantine\"\nsecret_env = \"KW_TEST_HOOK\"\n",
+                receiver.base
+            ),
+        )
+        .unwrap();
+        env.set_env("KW_TEST_HOOK", "hook-secret");
+        seed_secrets(&env, 20);
+        let (old, _new) = rotate_data(&env);
+        let foreign = FernetKey::generate().encrypt(b"lost", 1_700_000_000);
+        let url = store_url(&env);
+        rt().block_on(async {
+            let mut conn = connect(&url).await;
+            sqlx::query(
+                "INSERT INTO secrets (name, kid, token, created_at, updated_at) VALUES ('bad', $1, $2, 0, 0)",
+            )
+            .bind(old.as_str())
+            .bind(foreign.as_str())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        });
+        let run = env
+            .run(&["job", "run", "reencrypt-secrets", "--json"])
+            .code(1);
+        assert!(
+            run.stdout_str().contains("quarantined"),
+            "{}",
+            run.stdout_str()
+        );
+        let got = receiver.requests("/ok-quarantine");
+        assert_eq!(got.len(), 1, "one alert");
+        let body: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+        assert_eq!(body["rule"], "row_quarantined", "{body}");
+        assert_eq!(body["severity"], "warning", "{body}");
+        let text = body.to_string();
+        assert!(text.contains("secrets: quarantined row(s)"), "{text}");
+        assert!(
+            !text.contains(foreign.as_str()),
+            "the token stays out of alerts"
+        );
+    }
+);

@@ -250,3 +250,304 @@ pub fn run_python(py: &Path, script: &str, args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+// ---------------------------------------------------------------------------
+// Services shared by several test modules: a private Redis, an HTTP receiver
+// for Slack/webhook calls, an SMTP sink, and the alert channel config.
+
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on the loopback interface (closed again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private redis-server for one test: acknowledgements of other tests'
+/// instances never mix in, and the test may stop and start it.
+pub struct PrivateRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Starts one, or `None` (skip) when redis-server is missing outside CI.
+    pub fn start() -> Option<PrivateRedis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("redis-server must be installed in CI");
+            }
+            eprintln!("skipping: redis-server is not installed");
+            return None;
+        }
+        let mut r = PrivateRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.up();
+        Some(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server process and waits (bounded) until it answers PING.
+    pub fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(c) = redis::Client::open(self.url().as_str())
+                && let Ok(mut conn) = c.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("private redis-server on {} did not start", self.port);
+    }
+
+    /// Stops the server process (SIGKILL: the real process is gone).
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// One request a [`Receiver`] got.
+#[derive(Clone, Debug)]
+pub struct Got {
+    pub path: String,
+    pub headers: axum::http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// A local HTTP receiver standing in for Slack and a webhook receiver. Paths
+/// decide the answer: `/ok*` 200, `/fail*` 500, `/busy*` 429 with
+/// `Retry-After: 1` on the first call then 200, `/hang*` never answers,
+/// `/bad*` 400.
+pub struct Receiver {
+    pub rt: tokio::runtime::Runtime,
+    pub base: String,
+    pub got: Arc<Mutex<Vec<Got>>>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let got: Arc<Mutex<Vec<Got>>> = Arc::default();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let g = got.clone();
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: HeaderMap, body: axum::body::Bytes| {
+                let g = g.clone();
+                async move {
+                    let path = uri.path().to_string();
+                    let seen = {
+                        let mut v = g.lock().unwrap();
+                        v.push(Got {
+                            path: path.clone(),
+                            headers,
+                            body: body.to_vec(),
+                        });
+                        v.iter().filter(|x| x.path == path).count()
+                    };
+                    if path.starts_with("/fail") {
+                        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                    } else if path.starts_with("/bad") {
+                        StatusCode::BAD_REQUEST.into_response()
+                    } else if path.starts_with("/busy") && seen == 1 {
+                        (
+                            StatusCode::TOO_MANY_REQUESTS,
+                            [("Retry-After", "1")],
+                            "slow down",
+                        )
+                            .into_response()
+                    } else if path.starts_with("/hang") {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        StatusCode::OK.into_response()
+                    } else {
+                        (StatusCode::OK, "ok").into_response()
+                    }
+                }
+            },
+        );
+        rt.spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Receiver { rt, base, got }
+    }
+
+    pub fn requests(&self, prefix: &str) -> Vec<Got> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|g| g.path.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let rt = std::mem::replace(
+            &mut self.rt,
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
+        );
+        rt.shutdown_background();
+    }
+}
+
+/// A real SMTP server (Python aiosmtpd) writing every message it accepts
+/// into a Maildir.
+pub struct SmtpSink {
+    pub port: u16,
+    pub maildir: PathBuf,
+    child: Child,
+}
+
+impl SmtpSink {
+    /// Starts aiosmtpd on a free port under `dir` and waits (bounded) until
+    /// it accepts connections.
+    pub fn start(py: &Path, dir: &Path) -> SmtpSink {
+        let port = free_port();
+        let maildir = dir.join("maildir");
+        let child = Command::new(py)
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sink = SmtpSink {
+            port,
+            maildir,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "aiosmtpd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sink
+    }
+
+    /// Every message delivered so far, as raw text.
+    pub fn messages(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.maildir.join("new")) else {
+            return Vec::new();
+        };
+        dir.map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The secret the webhook channel signs with in tests.
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+
+/// Writes the alert channel config to the env's `keywarden.toml`; an empty
+/// URL or a zero SMTP port turns that channel off.
+pub fn write_alert_config(
+    env: &mut Env,
+    slack: &str,
+    webhook: &str,
+    smtp_port: u16,
+    attempts: u32,
+) {
+    let smtp_host = if smtp_port == 0 { "" } else { "127.0.0.1" };
+    let smtp_port = smtp_port.max(1);
+    let text = format!(
+        r#"
+[alerts.email]
+smtp_host = "{smtp_host}"
+smtp_port = {smtp_port}
+tls = "none"
+from = "keywarden@example.com"
+to = ["ops@example.com", "oncall@example.com"]
+[alerts.slack]
+webhook_url = "{slack}"
+[alerts.webhook]
+url = "{webhook}"
+secret_env = "KW_TEST_WEBHOOK_SECRET"
+[alerts.delivery]
+attempts = {attempts}
+backoff_ms = 50
+max_backoff_ms = 3000
+timeout_ms = 400
+"#
+    );
+    std::fs::write(env.path().join("keywarden.toml"), text).unwrap();
+    env.set_env("KW_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET);
+}
+
+/// Lowercase hex HMAC-SHA256.
+pub fn hmac_hex(secret: &[u8], msg: &[u8]) -> String {
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+    hex::encode(aws_lc_rs::hmac::sign(&key, msg).as_ref())
+}
+
+/// Checks a webhook call's signature headers the way a receiver must.
+pub fn assert_webhook_signed(g: &Got) {
+    let ts = g.headers["x-keywarden-timestamp"].to_str().unwrap();
+    let sig = g.headers["x-keywarden-signature"].to_str().unwrap();
+    let ts_n: i64 = ts.parse().unwrap();
+    assert!((chrono::Utc::now().timestamp() - ts_n).abs() < 300, "stale");
+    let mut msg = ts.as_bytes().to_vec();
+    msg.push(b'.');
+    msg.extend_from_slice(&g.body);
+    assert_eq!(sig, hmac_hex(WEBHOOK_SECRET.as_bytes(), &msg));
+    // A forgery: the same signature over another body does not match.
+    let mut forged = msg.clone();
+    forged.extend_from_slice(b" ");
+    assert_ne!(sig, hmac_hex(WEBHOOK_SECRET.as_bytes(), &forged));
+}
