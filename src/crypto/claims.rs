@@ -493,7 +493,7 @@ impl Scanner<'_> {
         let mut integer = true;
         if self.peek() == Some(b'.') {
             self.i += 1;
-            if !matches!(self.peek()?, b'0'..=b'9') {
+            if !self.peek()?.is_ascii_digit() {
                 return None;
             }
             while matches!(self.peek(), Some(b'0'..=b'9')) {

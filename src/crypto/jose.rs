@@ -27,7 +27,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::hmac;
@@ -295,7 +294,7 @@ impl VerifyOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verified {
     /// The key that verified it.
-    pub kid: Arc<str>,
+    pub kid: String,
     /// Its algorithm.
     pub alg: SigningAlg,
     /// The claims (a JSON object; [`Claims::to_value`] gives it as a `serde_json::Value`).
@@ -479,9 +478,7 @@ enum Verifier {
 }
 
 struct Entry {
-    /// Shared with every [`Verified`] this key produces, so that a verification allocates no
-    /// copy of it.
-    kid: Arc<str>,
+    kid: String,
     alg: SigningAlg,
     state: KeyUse,
     /// `None` for unusable keys: their material is never parsed, and may be absent.
@@ -546,7 +543,7 @@ impl VerifierSet {
             }
             by_kid.insert(kid.clone(), position);
             entries.push(Entry {
-                kid: kid.into(),
+                kid,
                 alg,
                 state,
                 verifier,
@@ -1111,7 +1108,7 @@ mod tests {
         for alg in SigningAlg::ALL {
             let token = ours().signer(alg).sign(&claims()).unwrap();
             let verified = set().verify(&token, &opts()).unwrap();
-            assert_eq!(&*verified.kid, kid_of(alg));
+            assert_eq!(verified.kid, kid_of(alg));
             assert_eq!(verified.alg, alg);
             assert_eq!(verified.claims, claims());
             assert!(verified.claims.was_scanned(), "{alg}");
@@ -1643,8 +1640,8 @@ mod tests {
             ),
         ])
         .unwrap();
-        assert_eq!(&*grace.verify(&old_token, &opts()).unwrap().kid, "old");
-        assert_eq!(&*grace.verify(&new_token, &opts()).unwrap().kid, "new");
+        assert_eq!(grace.verify(&old_token, &opts()).unwrap().kid, "old");
+        assert_eq!(grace.verify(&new_token, &opts()).unwrap().kid, "new");
         let after = VerifierSet::new([
             (
                 "old".to_owned(),
@@ -1917,7 +1914,7 @@ mod tests {
                 .find(|(header, _)| header == header_b64)
                 .expect("our header is precomputed");
             let entry = &set().entries[*position];
-            assert_eq!((&*entry.kid, entry.alg), (kid_of(alg), alg));
+            assert_eq!((entry.kid.as_str(), entry.alg), (kid_of(alg), alg));
         }
     }
 
