@@ -190,7 +190,7 @@ impl App {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        if let Some(jti) = verified.claims.get("jti").and_then(Value::as_str)
+        if let Some(jti) = verified.claims.jti()
             && self.store.is_token_denied(jti, opts.now_unix).await?
         {
             return Ok(Err(VerifyError::Revoked));
@@ -273,7 +273,7 @@ impl App {
             // token is a no-op, revoking a forged one is refused.
             let opts = self.verify_options(now, None, None);
             let claims = match self.verify_token(s, &opts).await? {
-                Ok(v) => (v.claims, v.kid),
+                Ok(v) => (v.claims.into_value(), v.kid),
                 Err(VerifyError::Revoked) => {
                     return Err(UsageError("this token is already revoked".into()).into());
                 }

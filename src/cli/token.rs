@@ -107,7 +107,10 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
             let opts = app.verify_options(now, iss.as_deref(), aud.as_deref());
             let result = app.verify_token(&token, &opts).await?;
             record_outcome(&app, now, result.as_ref().err()).await;
-            report_verification(ctx, result.map(|v| (v.kid, Some(v.alg.as_str()), v.claims)))
+            report_verification(
+                ctx,
+                result.map(|v| (v.kid, Some(v.alg.as_str()), v.claims.into_value())),
+            )
         }
         TokenCmd::Encrypt { claims, ttl } => {
             let claims = parse_claims_arg(claims.as_deref())?;

@@ -42,6 +42,9 @@ use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
+use super::b64url;
+pub use super::claims::Claims;
+
 /// Default clock-skew allowance for `exp` and `nbf`, in seconds.
 pub const DEFAULT_LEEWAY_SECS: i64 = 60;
 
@@ -56,6 +59,9 @@ pub const MAX_KID_LEN: usize = 256;
 
 /// Longest base64url signature we decode: an RSA-8192 signature is 1024 bytes.
 const MAX_SIGNATURE_LEN: usize = 1024;
+
+/// Longest non-RSA signature: an ES256 signature is 64 bytes (r || s).
+const SMALL_SIGNATURE_LEN: usize = 64;
 
 const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
 const PEM_END: &str = "-----END PRIVATE KEY-----";
@@ -291,8 +297,8 @@ pub struct Verified {
     pub kid: String,
     /// Its algorithm.
     pub alg: SigningAlg,
-    /// The claims (a JSON object).
-    pub claims: Value,
+    /// The claims (a JSON object; [`Claims::to_value`] gives it as a `serde_json::Value`).
+    pub claims: Claims,
 }
 
 /// Generates fresh key material for `alg`: a 32-byte random secret for HS256, and an unencrypted
@@ -342,8 +348,19 @@ pub fn is_valid_kid(kid: &str) -> bool {
 pub struct SigningKey {
     kid: String,
     alg: SigningAlg,
-    header: jsonwebtoken::Header,
-    key: jsonwebtoken::EncodingKey,
+    /// The encoded header, `base64url({"typ":"JWT","alg":..,"kid":..})`, the same bytes for
+    /// every token this key signs.
+    header_b64: String,
+    key: PrivateSigner,
+}
+
+/// A private key parsed once, ready to sign.
+enum PrivateSigner {
+    /// The HMAC key schedule (boxed: it is far larger than the other variants).
+    Hmac(Box<hmac::Key>),
+    Rsa(RsaKeyPair),
+    Ec(EcdsaKeyPair),
+    Ed(Ed25519KeyPair),
 }
 
 impl fmt::Debug for SigningKey {
@@ -357,32 +374,24 @@ impl fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    /// Builds a signer from material as [`generate_signing_material`] produces it.
+    /// Builds a signer from material as [`generate_signing_material`] produces it. The material
+    /// is parsed here, once: signing is then JSON, base64url and the primitive.
     pub fn new(kid: &str, alg: SigningAlg, material: &[u8]) -> Result<Self, KeyError> {
         if !is_valid_kid(kid) {
             return Err(KeyError::InvalidKid);
         }
-        // Parsing with aws-lc-rs first checks that the material really is a key of this algorithm,
-        // so that signing cannot fail later for a reason that was knowable now.
-        parse_private_key(kid, alg, material)?;
-        let invalid = |reason| KeyError::InvalidMaterial {
-            kid: kid.to_owned(),
-            alg,
-            reason,
-        };
-        let key = match alg {
-            SigningAlg::HS256 => jsonwebtoken::EncodingKey::from_secret(material),
-            SigningAlg::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(material)
-                .map_err(|_| invalid("PEM not accepted by the JWT encoder"))?,
-            SigningAlg::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(material)
-                .map_err(|_| invalid("PEM not accepted by the JWT encoder"))?,
-            SigningAlg::EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(material)
-                .map_err(|_| invalid("PEM not accepted by the JWT encoder"))?,
+        let key = match parse_private_key(kid, alg, material)? {
+            PrivateKey::Hmac => {
+                PrivateSigner::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA256, material)))
+            }
+            PrivateKey::Rsa(pair) => PrivateSigner::Rsa(pair),
+            PrivateKey::Ec(pair) => PrivateSigner::Ec(pair),
+            PrivateKey::Ed(pair) => PrivateSigner::Ed(pair),
         };
         Ok(SigningKey {
             kid: kid.to_owned(),
             alg,
-            header: signed_header(kid, alg),
+            header_b64: signed_header_b64(kid, alg),
             key,
         })
     }
@@ -399,14 +408,58 @@ impl SigningKey {
 
     /// Signs `claims` (a JSON object) into a compact JWS with header `typ: JWT`, `alg` and `kid`.
     /// The caller supplies every claim, including `exp`, which verification requires.
+    ///
+    /// The framing is RFC 7515's compact serialization, byte for byte what `jsonwebtoken::encode`
+    /// writes for the same header and claims (a unit test compares them); the signature comes
+    /// from the key parsed in [`SigningKey::new`] instead of one re-parsed from DER per call.
     pub fn sign(&self, claims: &Value) -> Result<String, KeyError> {
         if !claims.is_object() {
             return Err(KeyError::ClaimsNotObject);
         }
-        jsonwebtoken::encode(&self.header, claims, &self.key).map_err(|_| KeyError::Signing {
+        let failed = || KeyError::Signing {
             kid: self.kid.clone(),
-        })
+        };
+        let payload = serde_json::to_vec(claims).map_err(|_| failed())?;
+        let mut token = String::with_capacity(
+            self.header_b64.len() + payload.len().div_ceil(3) * 4 + MAX_SIGNATURE_LEN / 3 * 4 + 8,
+        );
+        token.push_str(&self.header_b64);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        let input = token.as_bytes();
+        let mut buf = [0u8; MAX_SIGNATURE_LEN];
+        let mut put = |bytes: &[u8]| {
+            buf[..bytes.len()].copy_from_slice(bytes);
+            bytes.len()
+        };
+        let len = match &self.key {
+            PrivateSigner::Hmac(key) => put(hmac::sign(key, input).as_ref()),
+            PrivateSigner::Rsa(pair) => {
+                let len = pair.public_modulus_len();
+                let out = buf.get_mut(..len).ok_or_else(failed)?;
+                let rng = aws_lc_rs::rand::SystemRandom::new();
+                pair.sign(&signature::RSA_PKCS1_SHA256, &rng, input, out)
+                    .map_err(|_| failed())?;
+                len
+            }
+            PrivateSigner::Ec(pair) => {
+                let rng = aws_lc_rs::rand::SystemRandom::new();
+                put(pair.sign(&rng, input).map_err(|_| failed())?.as_ref())
+            }
+            PrivateSigner::Ed(pair) => put(pair.sign(input).as_ref()),
+        };
+        let signature = &buf[..len];
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
+        Ok(token)
     }
+}
+
+/// `base64url` of the JWS header [`SigningKey`] writes, as `jsonwebtoken` serializes it.
+fn signed_header_b64(kid: &str, alg: SigningAlg) -> String {
+    let header_json =
+        serde_json::to_vec(&signed_header(kid, alg)).expect("a JWS header always serializes");
+    URL_SAFE_NO_PAD.encode(header_json)
 }
 
 /// The JWS header [`SigningKey`] writes: `{"typ":"JWT","alg":..,"kid":..}`.
@@ -425,6 +478,7 @@ enum Verifier {
 }
 
 struct Entry {
+    kid: String,
     alg: SigningAlg,
     state: KeyUse,
     /// `None` for unusable keys: their material is never parsed, and may be absent.
@@ -433,25 +487,29 @@ struct Entry {
 
 /// Every key a verifier may meet, indexed by kid, with verification keys built once.
 ///
-/// Build a new set when the keyring changes (rotation, revocation); verifying is then a map
-/// lookup plus the signature primitive plus JSON parsing of the claims.
+/// Build a new set when the keyring changes (rotation, revocation); verifying is then a lookup,
+/// the signature primitive, and a scan of the claims (see [`super::claims`]).
 pub struct VerifierSet {
-    keys: HashMap<String, Entry>,
-    /// The exact encoded header our own [`SigningKey`] writes for each key, mapped to what parsing
-    /// it yields. Every token a key signs repeats these bytes, so recognising them skips a
-    /// base64 decode and a JSON parse per call; any other header takes the parsing path.
-    own_headers: HashMap<String, (String, SigningAlg)>,
+    entries: Vec<Entry>,
+    /// Position in `entries` by kid.
+    by_kid: HashMap<String, usize>,
+    /// The exact encoded header our own [`SigningKey`] writes for each usable key, with the
+    /// key's position in `entries`. Every token a key signs repeats these bytes, so recognising
+    /// them skips a base64 decode, a JSON parse and a hash of the kid per call; any other header
+    /// takes the parsing path. A plain list: a keyring has one active key and a few retiring
+    /// ones, and comparing a few short strings costs less than hashing one.
+    own_headers: Vec<(String, usize)>,
 }
 
 impl fmt::Debug for VerifierSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut kids: Vec<_> = self.keys.iter().collect();
-        kids.sort_by(|a, b| a.0.cmp(b.0));
+        let mut entries: Vec<&Entry> = self.entries.iter().collect();
+        entries.sort_by(|a, b| a.kid.cmp(&b.kid));
         let mut list = f.debug_list();
-        for (kid, entry) in kids {
+        for entry in entries {
             list.entry(&format_args!(
-                "{kid} {} {:?} [redacted]",
-                entry.alg, entry.state
+                "{} {} {:?} [redacted]",
+                entry.kid, entry.alg, entry.state
             ));
         }
         list.finish()
@@ -465,8 +523,9 @@ impl VerifierSet {
     pub fn new<'m>(
         keys: impl IntoIterator<Item = (String, SigningAlg, KeyUse, &'m [u8])>,
     ) -> Result<Self, KeyError> {
-        let mut map = HashMap::new();
-        let mut own_headers = HashMap::new();
+        let mut entries = Vec::new();
+        let mut by_kid = HashMap::new();
+        let mut own_headers = Vec::new();
         for (kid, alg, state, material) in keys {
             if !is_valid_kid(&kid) {
                 return Err(KeyError::InvalidKid);
@@ -475,39 +534,40 @@ impl VerifierSet {
                 KeyUse::Unusable(_) => None,
                 KeyUse::Active | KeyUse::Retiring => Some(build_verifier(&kid, alg, material)?),
             };
-            if map.contains_key(&kid) {
+            if by_kid.contains_key(&kid) {
                 return Err(KeyError::DuplicateKid(kid));
             }
-            let header_json = serde_json::to_vec(&signed_header(&kid, alg))
-                .expect("a JWS header always serializes");
-            own_headers.insert(URL_SAFE_NO_PAD.encode(header_json), (kid.clone(), alg));
-            map.insert(
+            let position = entries.len();
+            if verifier.is_some() {
+                own_headers.push((signed_header_b64(&kid, alg), position));
+            }
+            by_kid.insert(kid.clone(), position);
+            entries.push(Entry {
                 kid,
-                Entry {
-                    alg,
-                    state,
-                    verifier,
-                },
-            );
+                alg,
+                state,
+                verifier,
+            });
         }
         Ok(VerifierSet {
-            keys: map,
+            entries,
+            by_kid,
             own_headers,
         })
     }
 
     /// Number of keys in the set, usable or not.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.entries.len()
     }
 
     /// Whether the set holds no keys at all.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.entries.is_empty()
     }
 
     /// Verifies a compact JWS: size, header, kid, algorithm pinning, key state, signature, then
-    /// [`check_claims`]. The first failing check decides the error.
+    /// the claims ([`check_claims`]'s rules). The first failing check decides the error.
     pub fn verify(&self, token: &str, opts: &VerifyOptions) -> Result<Verified, VerifyError> {
         if token.len() > opts.max_size {
             return Err(VerifyError::TooLarge {
@@ -525,27 +585,29 @@ impl VerifierSet {
         };
         let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
 
-        let header_json;
-        let header = match self.own_headers.get(header_b64) {
-            Some((kid, alg)) => JwsHeader {
-                alg: *alg,
-                kid: Cow::Borrowed(kid.as_str()),
-            },
+        let own = self
+            .own_headers
+            .iter()
+            .find(|(header, _)| header.as_bytes() == header_b64.as_bytes());
+        let entry = match own {
+            Some(&(_, position)) => &self.entries[position],
             None => {
-                header_json = decode_b64(header_b64, "header")?;
-                parse_jws_header(&header_json)?
+                let header_json = decode_b64(header_b64, "header")?;
+                let header = parse_jws_header(&header_json)?;
+                let entry = self
+                    .by_kid
+                    .get(header.kid.as_ref())
+                    .map(|&position| &self.entries[position])
+                    .ok_or(VerifyError::UnknownKid)?;
+                if entry.alg != header.alg {
+                    return Err(VerifyError::AlgorithmMismatch {
+                        expected: entry.alg,
+                        found: header.alg,
+                    });
+                }
+                entry
             }
         };
-        let entry = self
-            .keys
-            .get(header.kid.as_ref())
-            .ok_or(VerifyError::UnknownKid)?;
-        if entry.alg != header.alg {
-            return Err(VerifyError::AlgorithmMismatch {
-                expected: entry.alg,
-                found: header.alg,
-            });
-        }
         let verifier = match (entry.state, &entry.verifier) {
             (KeyUse::Unusable(state), _) => return Err(VerifyError::KeyNotUsable(state)),
             (_, Some(verifier)) => verifier,
@@ -553,30 +615,49 @@ impl VerifierSet {
             (_, None) => return Err(VerifyError::KeyNotUsable("invalid")),
         };
 
-        let mut signature_buf = [0u8; MAX_SIGNATURE_LEN];
-        if signature_b64.len() > MAX_SIGNATURE_LEN / 3 * 4 + 4 {
+        // HMAC, ECDSA and Ed25519 signatures fit the small buffer; only RSA needs the large one
+        // (zeroing a kilobyte per token is a measurable share of an HS256 verification).
+        let signature_len = b64url::decoded_len(signature_b64.len())
+            .ok_or_else(|| VerifyError::malformed("signature is not unpadded base64url"))?;
+        if signature_len <= SMALL_SIGNATURE_LEN {
+            check_signature::<SMALL_SIGNATURE_LEN>(verifier, signing_input, signature_b64)?;
+        } else if signature_len <= MAX_SIGNATURE_LEN {
+            check_signature::<MAX_SIGNATURE_LEN>(verifier, signing_input, signature_b64)?;
+        } else {
             return Err(VerifyError::malformed("signature is too long"));
         }
-        let signature_len = URL_SAFE_NO_PAD
-            .decode_slice(signature_b64, &mut signature_buf)
-            .map_err(|_| VerifyError::malformed("signature is not unpadded base64url"))?;
-        let signature = &signature_buf[..signature_len];
-        let verified = match verifier {
-            // `hmac::verify` compares tags in constant time.
-            Verifier::Hmac(key) => hmac::verify(key, signing_input, signature),
-            Verifier::Public(key) => key.verify_sig(signing_input, signature),
-        };
-        verified.map_err(|_| VerifyError::BadSignature)?;
 
-        let payload = decode_b64(payload_b64, "payload")?;
-        let claims = parse_claims(&payload)?;
-        check_claims(&claims, opts)?;
+        let payload_len = b64url::decoded_len(payload_b64.len())
+            .ok_or_else(|| VerifyError::malformed("payload is not unpadded base64url"))?;
+        let mut payload = vec![0u8; payload_len];
+        b64url::decode_into(payload_b64.as_bytes(), &mut payload)
+            .ok_or_else(|| VerifyError::malformed("payload is not unpadded base64url"))?;
+        let claims = Claims::from_json(payload)?;
+        claims.check(opts)?;
         Ok(Verified {
-            kid: header.kid.into_owned(),
-            alg: header.alg,
+            kid: entry.kid.clone(),
+            alg: entry.alg,
             claims,
         })
     }
+}
+
+/// Decodes the signature into an `N`-byte stack buffer and checks it over `signing_input`.
+fn check_signature<const N: usize>(
+    verifier: &Verifier,
+    signing_input: &[u8],
+    signature_b64: &str,
+) -> Result<(), VerifyError> {
+    let mut buf = [0u8; N];
+    let len = b64url::decode_into(signature_b64.as_bytes(), &mut buf)
+        .ok_or_else(|| VerifyError::malformed("signature is not unpadded base64url"))?;
+    let signature = &buf[..len];
+    let verified = match verifier {
+        // `hmac::verify` compares tags in constant time.
+        Verifier::Hmac(key) => hmac::verify(key, signing_input, signature),
+        Verifier::Public(key) => key.verify_sig(signing_input, signature),
+    };
+    verified.map_err(|_| VerifyError::BadSignature)
 }
 
 /// Checks the registered claims of already-authenticated claims against `opts`.
@@ -590,55 +671,7 @@ pub fn check_claims(claims: &Value, opts: &VerifyOptions) -> Result<(), VerifyEr
     let claims = claims
         .as_object()
         .ok_or_else(|| VerifyError::malformed("claims are not a JSON object"))?;
-    let leeway = opts.leeway_secs.max(0);
-
-    let exp = numeric_date(claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
-    if exp <= opts.now_unix.saturating_sub(leeway) as f64 {
-        return Err(VerifyError::Expired);
-    }
-    if let Some(nbf) = numeric_date(claims, "nbf")?
-        && nbf > opts.now_unix.saturating_add(leeway) as f64
-    {
-        return Err(VerifyError::NotYetValid);
-    }
-
-    if let Some(expected) = opts.issuer.as_deref() {
-        match claims.get("iss") {
-            None => return Err(VerifyError::MissingClaim("iss")),
-            Some(Value::String(iss)) if iss == expected => {}
-            Some(Value::String(_)) => return Err(VerifyError::WrongIssuer),
-            Some(_) => return Err(VerifyError::malformed("iss is not a string")),
-        }
-    }
-
-    match (opts.audience.as_deref(), claims.get("aud")) {
-        (None, None) => {}
-        (None, Some(_)) => return Err(VerifyError::WrongAudience),
-        (Some(_), None) => return Err(VerifyError::MissingClaim("aud")),
-        (Some(expected), Some(Value::String(aud))) => {
-            if aud != expected {
-                return Err(VerifyError::WrongAudience);
-            }
-        }
-        (Some(expected), Some(Value::Array(auds))) => {
-            let mut found = false;
-            for aud in auds {
-                match aud {
-                    Value::String(aud) => found |= aud == expected,
-                    _ => return Err(VerifyError::malformed("aud holds a non-string")),
-                }
-            }
-            if !found {
-                return Err(VerifyError::WrongAudience);
-            }
-        }
-        (Some(_), Some(_)) => {
-            return Err(VerifyError::malformed(
-                "aud is neither a string nor an array",
-            ));
-        }
-    }
-    Ok(())
+    super::claims::check(claims, opts)
 }
 
 /// The public JWK of an asymmetric signing key, with `kid`, `alg` and `use: "sig"`; `None` for
@@ -894,8 +927,13 @@ pub(crate) fn decode_b64(part: &str, what: &str) -> Result<Vec<u8>, VerifyError>
 /// Parses decoded claims: a single JSON object whose top-level names are all distinct. A repeated
 /// `exp` would otherwise let the last copy silently win.
 pub fn parse_claims(json: &[u8]) -> Result<Value, VerifyError> {
+    parse_claims_object(json).map(Value::Object)
+}
+
+/// [`parse_claims`], returning the object's map.
+pub(crate) fn parse_claims_object(json: &[u8]) -> Result<Map<String, Value>, VerifyError> {
     serde_json::from_slice::<StrictObject>(json)
-        .map(|object| Value::Object(object.0))
+        .map(|object| object.0)
         .map_err(|_| VerifyError::malformed("claims are not a JSON object with distinct names"))
 }
 
@@ -928,19 +966,6 @@ impl<'de> Deserialize<'de> for StrictObject {
             }
         }
         deserializer.deserialize_map(StrictVisitor)
-    }
-}
-
-fn numeric_date(
-    claims: &Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<f64>, VerifyError> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(VerifyError::Malformed(format!(
-            "{name} is not a NumericDate"
-        ))),
     }
 }
 
@@ -1086,6 +1111,7 @@ mod tests {
             assert_eq!(verified.kid, kid_of(alg));
             assert_eq!(verified.alg, alg);
             assert_eq!(verified.claims, claims());
+            assert!(verified.claims.was_scanned(), "{alg}");
         }
     }
 
@@ -1103,6 +1129,23 @@ mod tests {
                 header,
                 json!({ "typ": "JWT", "alg": alg.as_str(), "kid": kid_of(alg) })
             );
+        }
+    }
+
+    #[test]
+    fn signing_writes_what_jsonwebtoken_writes() {
+        // PKCS#1 v1.5, Ed25519 and HMAC are deterministic, so the tokens must be identical.
+        let ring = ours();
+        for alg in [SigningAlg::HS256, SigningAlg::RS256, SigningAlg::EdDSA] {
+            let material = ring.material(alg);
+            let key = match alg {
+                SigningAlg::HS256 => jsonwebtoken::EncodingKey::from_secret(material),
+                SigningAlg::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(material).unwrap(),
+                _ => jsonwebtoken::EncodingKey::from_ed_pem(material).unwrap(),
+            };
+            let expected =
+                jsonwebtoken::encode(&signed_header(kid_of(alg), alg), &claims(), &key).unwrap();
+            assert_eq!(ring.signer(alg).sign(&claims()).unwrap(), expected, "{alg}");
         }
     }
 
@@ -1865,10 +1908,13 @@ mod tests {
         for alg in SigningAlg::ALL {
             let token = ours().signer(alg).sign(&claims()).unwrap();
             let header_b64 = token.split('.').next().unwrap();
-            assert_eq!(
-                set().own_headers.get(header_b64),
-                Some(&(kid_of(alg).to_owned(), alg))
-            );
+            let (_, position) = set()
+                .own_headers
+                .iter()
+                .find(|(header, _)| header == header_b64)
+                .expect("our header is precomputed");
+            let entry = &set().entries[*position];
+            assert_eq!((entry.kid.as_str(), entry.alg), (kid_of(alg), alg));
         }
     }
 

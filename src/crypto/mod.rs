@@ -5,6 +5,8 @@
 //! from env and file lives in `rootkey`, at the edge). Key material is held in
 //! types that zeroize on drop and never print their bytes.
 
+pub mod b64url;
+pub mod claims;
 pub mod fernet;
 pub mod jose;
 pub mod jwe;

@@ -162,6 +162,9 @@ pub struct Keyring {
     pub root_kid: String,
     keys: Vec<CachedKey>,
     data: Option<DataKeys>,
+    /// The token verifier over this snapshot's signing keys, built on first use: parsing the
+    /// keys (an RSA private key in particular) costs far more than verifying a token.
+    verifier: std::sync::OnceLock<Result<crate::crypto::jose::VerifierSet, String>>,
 }
 
 impl Keyring {
@@ -193,7 +196,15 @@ impl Keyring {
     /// A token verifier over every signing key of this keyring: active and
     /// retiring keys verify; revoked, retired and destroyed ones are named so
     /// their tokens fail with "key is revoked" (or retired...), not "unknown".
-    pub fn verifier(&self) -> anyhow::Result<crate::crypto::jose::VerifierSet> {
+    /// Built once per snapshot; a new epoch brings a new snapshot and so a new verifier.
+    pub fn verifier(&self) -> anyhow::Result<&crate::crypto::jose::VerifierSet> {
+        self.verifier
+            .get_or_init(|| self.build_verifier().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn build_verifier(&self) -> anyhow::Result<crate::crypto::jose::VerifierSet> {
         let mut entries = Vec::new();
         for k in self.keys.iter().filter(|k| k.purpose == Purpose::Signing) {
             let material = match (&k.material, k.state.can_verify_or_decrypt()) {
@@ -309,6 +320,7 @@ pub fn build_keyring(
         root_kid: snapshot.root_kid,
         keys,
         data: None,
+        verifier: std::sync::OnceLock::new(),
     };
     let usable = keyring.usable(Purpose::Data);
     if let Some(active) = usable.first().filter(|k| k.state == KeyState::Active) {
