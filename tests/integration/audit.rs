@@ -646,15 +646,7 @@ both_backends!(an_unwritable_audit_log_stops_the_key_operation, |env| {
     // A worker's job that cannot write its audit rows does not run, fails
     // its run, and raises the audit_write_failed alert.
     let receiver = crate::support::Receiver::start();
-    std::fs::write(
-        env.path().join("keywarden.toml"),
-        format!(
-            "[alerts.webhook]\nurl = \"{}/ok-audit\"\nsecret_env = \"KW_TEST_HOOK\"\n",
-            receiver.base
-        ),
-    )
-    .unwrap();
-    env.set_env("KW_TEST_HOOK", "hook-secret");
+    write_alert_config(&mut env, "", &format!("{}/ok-audit", receiver.base), 0, 3);
     let r = env
         .run(&["job", "run", "rotate-temp-keys", "--json"])
         .code(1);

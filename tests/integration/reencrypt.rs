@@ -409,19 +409,8 @@ both_backends!(
         seed_secrets(&env, 300);
         let (old, new) = rotate_data(&env);
         // A row claiming the old key whose token a foreign key made.
-        let foreign = FernetKey::generate().encrypt(b"lost", 1_700_000_000);
+        let foreign = insert_foreign_row(&env, &old);
         let url = store_url(&env);
-        rt().block_on(async {
-            let mut conn = connect(&url).await;
-            sqlx::query(
-                "INSERT INTO secrets (name, kid, token, created_at, updated_at) VALUES ('bad', $1, $2, 0, 0)",
-            )
-            .bind(old.as_str())
-            .bind(foreign.as_str())
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        });
         let run = env.run(&["reencrypt", "--json"]).code(1);
         let sum = run.json();
         assert_eq!(sum["rows_failed"], 1);
@@ -612,30 +601,16 @@ both_backends!(
     |env| {
         let receiver = crate::alerts::Receiver::start();
         env.init();
-        std::fs::write(
-            env.path().join("keywarden.toml"),
-            format!(
-                "[alerts.webhook]\nurl = \"{}/ok-quarantine\"\nsecret_env = \"KW_TEST_HOOK\"\n",
-                receiver.base
-            ),
-        )
-        .unwrap();
-        env.set_env("KW_TEST_HOOK", "hook-secret");
+        write_alert_config(
+            &mut env,
+            "",
+            &format!("{}/ok-quarantine", receiver.base),
+            0,
+            3,
+        );
         seed_secrets(&env, 20);
         let (old, _new) = rotate_data(&env);
-        let foreign = FernetKey::generate().encrypt(b"lost", 1_700_000_000);
-        let url = store_url(&env);
-        rt().block_on(async {
-            let mut conn = connect(&url).await;
-            sqlx::query(
-                "INSERT INTO secrets (name, kid, token, created_at, updated_at) VALUES ('bad', $1, $2, 0, 0)",
-            )
-            .bind(old.as_str())
-            .bind(foreign.as_str())
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        });
+        let foreign = insert_foreign_row(&env, &old);
         let run = env
             .run(&["job", "run", "reencrypt-secrets", "--json"])
             .code(1);
@@ -657,3 +632,22 @@ both_backends!(
         );
     }
 );
+
+/// Inserts a secret `bad` that claims data key `old` but whose token a
+/// foreign key made (no key of the keyring decrypts it); returns the token.
+fn insert_foreign_row(env: &Env, old: &str) -> String {
+    let foreign = FernetKey::generate().encrypt(b"lost", 1_700_000_000);
+    let url = store_url(env);
+    rt().block_on(async {
+        let mut conn = connect(&url).await;
+        sqlx::query(
+            "INSERT INTO secrets (name, kid, token, created_at, updated_at) VALUES ('bad', $1, $2, 0, 0)",
+        )
+        .bind(old)
+        .bind(foreign.as_str())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    });
+    foreign
+}
