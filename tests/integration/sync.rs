@@ -517,7 +517,12 @@ async fn open_app(env: &Env, redis_url: &str) -> keywarden::app::App {
 
 #[test]
 fn the_python_example_follows_a_rotation_end_to_end() {
-    let Some(url) = redis_db() else { return };
+    // A server of its own: pub/sub channels are not per database, so on the
+    // shared server another test's events would reach this subscriber.
+    let Some(redis) = PrivateRedis::start() else {
+        return;
+    };
+    let url = redis.url();
     let Some(py) = python() else { return };
     let mut env = Env::new(Backend::Sqlite).unwrap();
     env.set_env("KEYWARDEN_REDIS_URL", &url);
@@ -536,12 +541,24 @@ fn the_python_example_follows_a_rotation_end_to_end() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr = child.stderr.take().unwrap();
+    // The next line the script prints, or a failure that shows its stderr.
+    let mut next_line = move || -> serde_json::Value {
+        match stdout.next() {
+            Some(Ok(line)) => serde_json::from_str(&line).unwrap(),
+            _ => {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+                panic!("the Python subscriber printed nothing more; its stderr:\n{err}");
+            }
+        }
+    };
+    let first = next_line();
     assert_eq!(first["epoch"].as_i64(), Some(epoch));
     let out = env.run(&["keys", "rotate", "data", "--json"]).ok().json();
     let after = env.run_stdin(&["encrypt"], b"after").ok().stdout_str();
-    let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let second = next_line();
     assert_eq!(second["epoch"].as_i64(), Some(epoch + 1));
     assert_eq!(second["active"]["data"], out["new_kid"]);
     {
@@ -549,7 +566,7 @@ fn the_python_example_follows_a_rotation_end_to_end() {
         writeln!(stdin, "{}", before.trim()).unwrap();
         writeln!(stdin, "{}", after.trim()).unwrap();
     }
-    let last: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let last = next_line();
     assert_eq!(last["decrypted"], serde_json::json!(["before", "after"]));
     let status = child.wait().unwrap();
     assert!(status.success());
