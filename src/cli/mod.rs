@@ -150,7 +150,12 @@ impl Ctx {
 
     /// Opens config, store and root keys.
     pub async fn open(&self, mode: OpenMode) -> anyhow::Result<App> {
-        let config = self.config()?;
+        self.open_with(self.config()?, mode).await
+    }
+
+    /// Opens store and root keys with a config already loaded (commands
+    /// that read it first, for its source or its job files).
+    pub async fn open_with(&self, config: Config, mode: OpenMode) -> anyhow::Result<App> {
         let paths = Paths::resolve(Some(&self.data_dir));
         App::open(config, paths, mode).await
     }

@@ -23,7 +23,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
     let (config, config_source) = ctx.config_with_source()?;
     // Check the job files before touching the store: a typo stops here.
     let jobs = scheduler::load_jobs(&config)?;
-    let app = ctx.open(OpenMode::Create).await?;
+    let app = ctx.open_with(config, OpenMode::Create).await?;
     let now = if args.once {
         super::job::one_shot_now()?
     } else {

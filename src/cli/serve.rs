@@ -19,8 +19,8 @@ pub struct ServeArgs {
 }
 
 pub async fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<()> {
-    let (_, config_source) = ctx.config_with_source()?;
-    let mut app = ctx.open(OpenMode::Existing).await?;
+    let (config, config_source) = ctx.config_with_source()?;
+    let mut app = ctx.open_with(config, OpenMode::Existing).await?;
     if let Err(e) = app.audit_config_loaded(&config_source, super::now()).await {
         tracing::error!("cannot record the config load in the audit log: {e:#}");
     }
