@@ -10,7 +10,7 @@
 //! cargo run --release --example sync_propagation -- \
 //!     --redis redis://127.0.0.1:56379/15 --instances 50 --rotations 100
 //! cargo run --release --example sync_propagation -- \
-//!     --redis redis+cluster://127.0.0.1:57001,127.0.0.1:57002,127.0.0.1:57003
+//!     --redis redis+cluster://127.0.0.1:27001,127.0.0.1:27002,127.0.0.1:27003
 //! ```
 //!
 //! It deletes the keywarden keys in that Redis first: point it at a

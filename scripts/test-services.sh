@@ -4,7 +4,7 @@
 #
 #   scripts/test-services.sh start          # private PostgreSQL on 55432 + Redis on 56379
 #   eval "$(scripts/test-services.sh env)"  # export KEYWARDEN_TEST_* for cargo test
-#   scripts/test-services.sh start-cluster  # 3-master Redis Cluster on 57001-57003
+#   scripts/test-services.sh start-cluster  # 3-master Redis Cluster on 27001-27003
 #   scripts/test-services.sh status
 #   scripts/test-services.sh stop           # stops everything started above
 #
@@ -22,11 +22,13 @@ set -euo pipefail
 SERVICES_DIR=${KEYWARDEN_SERVICES_DIR:-/tmp/keywarden-services}
 PG_PORT=${KEYWARDEN_PG_PORT:-55432}
 REDIS_PORT=${KEYWARDEN_REDIS_PORT:-56379}
-CLUSTER_PORTS=(57001 57002 57003)
-# Redis puts a cluster node's bus on port+10000 by default, which does not exist
-# for 57001 and above (Redis refuses to start), so the bus ports are set
-# explicitly: 47001-47003.
-CLUSTER_BUS_OFFSET=-10000
+# The cluster starts while the tests run, when many client sockets are open, so
+# its ports (and its bus ports, 27101-27103) sit below Linux's ephemeral port
+# range (32768-60999): a port in that range can be held at that instant as the
+# local end of some test's outgoing connection, and the node then fails to bind
+# (seen once in CI, on 57002).
+CLUSTER_PORTS=(27001 27002 27003)
+CLUSTER_BUS_OFFSET=100
 
 PG_DIR="$SERVICES_DIR/pg"
 PG_DATA="$PG_DIR/data"

@@ -285,7 +285,7 @@ mod tests {
             ["redis://:pw@10.0.0.1:7000", "redis://:pw@10.0.0.2:7001"]
         );
         let RedisTarget::Cluster(n) =
-            RedisTarget::parse("redis://127.0.0.1:57001,redis://127.0.0.1:57002").unwrap()
+            RedisTarget::parse("redis://127.0.0.1:27001,redis://127.0.0.1:27002").unwrap()
         else {
             panic!("not a cluster")
         };

@@ -596,11 +596,11 @@ fn cluster_url() -> Option<String> {
         eprintln!("skipping: cannot start the Redis Cluster");
         return None;
     }
-    for port in [57001, 57002, 57003] {
+    for port in [27001, 27002, 27003] {
         let url = format!("redis://127.0.0.1:{port}/");
         let _: () = get(&url, &mut redis::cmd("FLUSHALL"));
     }
-    Some("redis+cluster://127.0.0.1:57001,127.0.0.1:57002,127.0.0.1:57003".into())
+    Some("redis+cluster://127.0.0.1:27001,127.0.0.1:27002,127.0.0.1:27003".into())
 }
 
 #[test]
@@ -619,7 +619,7 @@ fn a_redis_cluster_carries_events_snapshot_and_subscriptions() {
         .unwrap();
     // A plain subscriber on one node sees events published through the cluster.
     let events = rt.block_on(async {
-        let client = redis::Client::open("redis://127.0.0.1:57002/").unwrap();
+        let client = redis::Client::open("redis://127.0.0.1:27002/").unwrap();
         let mut ps = client.get_async_pubsub().await.unwrap();
         ps.subscribe("keywarden:events").await.unwrap();
         ps
