@@ -1,7 +1,8 @@
 //! The re-encryption engine's CPU stage alone, in memory: how many tokens per
-//! second `RotateKeys::rotate_batch` moves from key A to key B, on 1 and on 2
-//! threads, exactly as the engine calls it (batches of rows carrying their
-//! kid, one scratch per work item, one new `String` per token).
+//! second `RotateKeys::rotate_rows` moves from key A to key B, on 1 and on 2
+//! threads, exactly as the engine calls it (workers taking whole batches of
+//! rows carrying their kid, one scratch per worker, one new `String` per
+//! token).
 //!
 //! Compare with `python3 /work/shared/bench/fernet_rotate_peer.py` (Python
 //! `cryptography`'s `MultiFernet.rotate`); `bench/reencrypt_bench.sh` runs
@@ -12,9 +13,10 @@
 //! distinct tokens (cycled, default min(N, 250,000)) so memory stays modest;
 //! the work per rotation is identical. One JSON object on stdout.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use keywarden::crypto::fernet::FernetKey;
+use keywarden::crypto::fernet::{FernetKey, FernetScratch};
 use keywarden::reencrypt::rotate::{Outcome, RotateKeys};
 use keywarden::reencrypt::target::{RowId, SourceRow};
 use rand::{Rng, SeedableRng};
@@ -90,24 +92,31 @@ struct Rate {
     per_cpu_s: f64,
 }
 
-/// Rotates `n` tokens in batches.
+/// Rotates `n` tokens in batches, as the engine does: `threads` workers,
+/// each taking whole batches in turn and re-encrypting them with its own
+/// scratch.
 fn run(keys: &RotateKeys, rows: &[SourceRow], n: usize, batch: usize, threads: usize) -> Rate {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| rayon::scope(|_| {}));
+    let next = AtomicUsize::new(0);
     let cpu = cpu_seconds();
     let t = Instant::now();
-    let mut done = 0;
-    let mut start = 0;
-    while done < n {
-        let take = batch.min(n - done).min(rows.len() - start);
-        let out = keys.rotate_batch(&rows[start..start + take], &pool);
-        assert!(matches!(out[0], Outcome::Rotated(_)));
-        done += take;
-        start = (start + take) % rows.len();
-    }
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut scratch = FernetScratch::default();
+                loop {
+                    let done = next.fetch_add(batch, Ordering::Relaxed);
+                    if done >= n {
+                        break;
+                    }
+                    let take = batch.min(n - done);
+                    let start = done % rows.len();
+                    let take = take.min(rows.len() - start);
+                    let out = keys.rotate_rows(&rows[start..start + take], &mut scratch);
+                    assert!(matches!(out[0], Outcome::Rotated(_)));
+                }
+            });
+        }
+    });
     let wall = t.elapsed().as_secs_f64();
     Rate {
         per_s: n as f64 / wall,
@@ -141,13 +150,9 @@ fn main() {
         })
         .collect();
     // Correctness on a sample, outside the timing.
-    let pool1 = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
     for (r, o) in rows[..100]
         .iter()
-        .zip(keys.rotate_batch(&rows[..100], &pool1))
+        .zip(keys.rotate_rows(&rows[..100], &mut FernetScratch::default()))
     {
         let Outcome::Rotated(t) = o else {
             panic!("{o:?}")
@@ -181,7 +186,7 @@ fn main() {
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
             "bench": "reencrypt_crypto",
-            "impl": "keywarden::reencrypt::rotate::RotateKeys::rotate_batch (kid-directed rotate_from)",
+            "impl": "keywarden::reencrypt::rotate::RotateKeys::rotate_rows, one batch per worker (kid-directed rotate_from)",
             "n": a.n,
             "distinct_tokens": a.distinct,
             "plaintext_len": a.len,

@@ -449,7 +449,8 @@ impl App {
                 tracing::info!(
                     key.id = a.kid.as_str(),
                     to = a.to.as_str(),
-                    "key {action}ed"
+                    "key {}",
+                    a.to.as_str()
                 );
             }
             done.push(ExpiryOutcome {

@@ -2,7 +2,8 @@
 //! keywarden's `secrets` and every configured target. A retiring data key
 //! retires only when this count (a real count, never an assumption) is zero.
 //!
-//! Tables with a kid column are counted with `GROUP BY kid`; rows without a
+//! Tables with a kid column are counted in one scan with a counter per data
+//! key that may hold rows (a `GROUP BY` names any other kid); rows without a
 //! kid (no kid column, or NULL) are identified by checking their MAC against
 //! every usable key in MultiFernet order. A row under no usable key counts as
 //! `unknown`: it would be quarantined by a run.
@@ -141,13 +142,36 @@ pub async fn census(app: &App) -> anyhow::Result<Census> {
 /// The census, also identifying rows (in tables without a kid column) under
 /// the named revoked data key, so the emergency flow can prove none remain.
 pub async fn census_with(app: &App, revoked: Option<&str>) -> anyhow::Result<Census> {
+    count_with(app, revoked).await?.census(app).await
+}
+
+/// The rows counted per data key and target, before they are labelled with
+/// the keys' states ([`Counts::census`]).
+#[derive(Clone, Debug)]
+pub struct Counts {
+    map: BTreeMap<Option<String>, BTreeMap<String, u64>>,
+    quarantined: BTreeMap<String, u64>,
+}
+
+/// Counts the rows under every data key (see [`census_with`]).
+pub async fn count_with(app: &App, revoked: Option<&str>) -> anyhow::Result<Counts> {
     let keys = Arc::new(super::rotate_keys_with(app, revoked).await?);
     let targets = open_targets(app, None).await?;
+    // Kids that may still protect rows, each counted in the same scan; a
+    // row under any other kid is still counted (and named), by a second
+    // query that runs only when such rows exist.
+    let expected: Vec<String> = app
+        .key_metas(Some(Purpose::Data))
+        .await?
+        .into_iter()
+        .filter(|m| !matches!(m.state, KeyState::Retired | KeyState::Destroyed))
+        .map(|m| m.kid)
+        .collect();
     let mut map: BTreeMap<Option<String>, BTreeMap<String, u64>> = BTreeMap::new();
     for target in &targets {
         if target.has_kid_column() {
             let mut nulls = 0;
-            for (kid, n) in target.count_by_kid().await? {
+            for (kid, n) in target.count_by_kid(&expected).await? {
                 match kid {
                     Some(kid) => add(&mut map, Some(kid), &target.name, n),
                     None => nulls += n,
@@ -160,35 +184,55 @@ pub async fn census_with(app: &App, revoked: Option<&str>) -> anyhow::Result<Cen
             count_by_trial(target, &keys, false, &mut map).await?;
         }
     }
-    let metas = app.key_metas(Some(Purpose::Data)).await?;
-    let mut entries = Vec::new();
-    // Every data key that can still decrypt, and any other that holds rows:
-    // active first, then by version, newest first.
-    let mut ordered: Vec<_> = metas.iter().collect();
-    ordered.sort_by_key(|m| (m.state != KeyState::Active, -m.version));
-    for m in ordered {
-        let per_target = map.remove(&Some(m.kid.clone())).unwrap_or_default();
-        let rows = per_target.values().sum();
-        if rows > 0 || m.state.can_verify_or_decrypt() {
+    Ok(Counts {
+        map,
+        quarantined: quarantine::counts(&app.store).await?,
+    })
+}
+
+impl Counts {
+    /// Rows counted under `kid` (0 when none).
+    pub fn rows_under(&self, kid: &str) -> u64 {
+        self.map
+            .get(&Some(kid.to_string()))
+            .map_or(0, |t| t.values().sum())
+    }
+
+    /// The census lines, with the keys' states as the keyring holds them
+    /// now (so labelling the same counts again after a retirement needs no
+    /// second scan).
+    pub async fn census(&self, app: &App) -> anyhow::Result<Census> {
+        let mut map = self.map.clone();
+        let metas = app.key_metas(Some(Purpose::Data)).await?;
+        let mut entries = Vec::new();
+        // Every data key that can still decrypt, and any other that holds rows:
+        // active first, then by version, newest first.
+        let mut ordered: Vec<_> = metas.iter().collect();
+        ordered.sort_by_key(|m| (m.state != KeyState::Active, -m.version));
+        for m in ordered {
+            let per_target = map.remove(&Some(m.kid.clone())).unwrap_or_default();
+            let rows = per_target.values().sum();
+            if rows > 0 || m.state.can_verify_or_decrypt() {
+                entries.push(CensusEntry {
+                    kid: Some(m.kid.clone()),
+                    state: m.state.as_str().into(),
+                    rows,
+                    targets: per_target,
+                });
+            }
+        }
+        // Kids the keyring does not know, then rows no usable key opens.
+        for (kid, per_target) in map {
             entries.push(CensusEntry {
-                kid: Some(m.kid.clone()),
-                state: m.state.as_str().into(),
-                rows,
+                kid,
+                state: "unknown".into(),
+                rows: per_target.values().sum(),
                 targets: per_target,
             });
         }
+        Ok(Census {
+            entries,
+            quarantined: self.quarantined.clone(),
+        })
     }
-    // Kids the keyring does not know, then rows no usable key opens.
-    for (kid, per_target) in map {
-        entries.push(CensusEntry {
-            kid,
-            state: "unknown".into(),
-            rows: per_target.values().sum(),
-            targets: per_target,
-        });
-    }
-    Ok(Census {
-        entries,
-        quarantined: quarantine::counts(&app.store).await?,
-    })
 }

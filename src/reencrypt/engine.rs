@@ -1,11 +1,11 @@
 //! The pipeline for one target and one pass: read a batch (keyset
-//! pagination), re-encrypt it on the rayon pool, write it back with
+//! pagination), re-encrypt it on the crypto workers, write it back with
 //! compare-and-set, with the three stages overlapping through bounded
 //! channels (so at most a few batches are in memory, whatever the table's
 //! size).
 //!
 //! ```text
-//!  reader ──(2 batches)──> crypto (spawn_blocking + rayon) ──(2 batches)──> writer
+//!  reader ──(2 batches)──> crypto (N workers, a batch each) ──(2 batches)──> writer
 //!  SELECT ... WHERE kid <> active                                 UPDATE ... FROM (VALUES ...)
 //!    AND id > last ORDER BY id LIMIT n                              WHERE id = v.id AND token = v.old
 //!    [FOR UPDATE SKIP LOCKED on PostgreSQL]                       + active-key check, one transaction
@@ -18,12 +18,13 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use super::hot::{PgTx, pg_check_active};
+use super::hot::{Checkpointer, PgTx, pg_check_active};
 use super::quarantine::{self, Quarantined};
 use super::rotate::{Outcome, RotateKeys};
 use super::sqlite_raw::Conn;
 use super::target::{Rewrite, RowId, SourceRow, Target};
 use super::{Progress, TargetSummary};
+use crate::crypto::fernet::FernetScratch;
 use crate::store::{Backend, Store};
 
 /// The active data key stopped being active during the run (a rotation
@@ -55,7 +56,8 @@ const PG_WRITERS: usize = 2;
 pub struct PassCtx<'a> {
     pub store: &'a Store,
     pub keys: Arc<RotateKeys>,
-    pub pool: Arc<rayon::ThreadPool>,
+    /// Crypto workers (each re-encrypts whole batches on its own thread).
+    pub threads: usize,
     pub batch_size: usize,
     pub quarantined: Arc<HashSet<String>>,
     pub progress: &'a Progress,
@@ -92,10 +94,30 @@ async fn check_active(
     }
 }
 
+/// Busy and waiting time of each stage of a pass, logged at debug level:
+/// where a slow pass spends its time.
+#[derive(Default)]
+struct StageTimes {
+    read_busy: std::sync::atomic::AtomicU64,
+    crypto_busy: std::sync::atomic::AtomicU64,
+    crypto_wait: std::sync::atomic::AtomicU64,
+    write_busy: std::sync::atomic::AtomicU64,
+    write_wait: std::sync::atomic::AtomicU64,
+}
+
+impl StageTimes {
+    fn add(counter: &std::sync::atomic::AtomicU64, since: std::time::Instant) {
+        counter.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Runs one pass over `target`; returns what it did.
 pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<TargetSummary> {
     let active = cx.keys.active_kid.clone();
-    let (read_tx, mut read_rx) = mpsc::channel::<ReadBatch>(2);
+    let pass_started = std::time::Instant::now();
+    let times = StageTimes::default();
+    let times = &times;
+    let (read_tx, read_rx) = mpsc::channel::<ReadBatch>(2);
     let (done_tx, done_rx) = mpsc::channel::<DoneBatch>(2);
 
     // The SQLite connections are blocking handles: each batch moves its
@@ -120,6 +142,7 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                         let (t, a, limit) = (target.clone(), active.clone(), cx.batch_size);
                         let prev = after.clone();
                         let c = conn.take();
+                        let t0 = std::time::Instant::now();
                         let (c, rows) = tokio::task::spawn_blocking(move || {
                             let c = match c {
                                 Some(c) => c,
@@ -130,6 +153,7 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                         })
                         .await
                         .context("the re-encryption reader panicked")??;
+                        StageTimes::add(&times.read_busy, t0);
                         conn = Some(c);
                         (rows, None)
                     }
@@ -147,37 +171,65 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
         }
     };
 
-    let crypto = async move {
-        while let Some(batch) = read_rx.recv().await {
-            let keys = cx.keys.clone();
-            let pool = cx.pool.clone();
-            let quarantined = cx.quarantined.clone();
-            let rows = batch.rows;
-            let (rows, outcomes, skipped) = tokio::task::spawn_blocking(move || {
-                let before = rows.len();
-                let rows: Vec<SourceRow> = if quarantined.is_empty() {
-                    rows
-                } else {
-                    rows.into_iter()
-                        .filter(|r| !quarantined.contains(&r.id.to_string()))
-                        .collect()
+    // Crypto workers: each takes whole batches and re-encrypts them on a
+    // blocking thread of its own. Whole batches rather than a batch split
+    // across a rayon pool: on a two-core machine the reader, the writer and
+    // the database share the cores with the crypto, and a split batch waits
+    // for its slowest half while idle rayon threads spin for work.
+    let read_rx = Arc::new(tokio::sync::Mutex::new(read_rx));
+    let crypto_loop = |_| {
+        let read_rx = read_rx.clone();
+        let done_tx = done_tx.clone();
+        async move {
+            let mut scratch = Some(FernetScratch::default());
+            loop {
+                let t0 = std::time::Instant::now();
+                let next = read_rx.lock().await.recv().await;
+                let Some(batch) = next else {
+                    break;
                 };
-                let skipped = (before - rows.len()) as u64;
-                let outcomes = keys.rotate_batch(&rows, &pool);
-                (rows, outcomes, skipped)
-            })
-            .await
-            .context("the re-encryption worker panicked")?;
-            let done = DoneBatch {
-                rows,
-                outcomes,
-                skipped,
-                claim: batch.claim,
-            };
-            if done_tx.send(done).await.is_err() {
-                break;
+                StageTimes::add(&times.crypto_wait, t0);
+                let t0 = std::time::Instant::now();
+                let keys = cx.keys.clone();
+                let quarantined = cx.quarantined.clone();
+                let rows = batch.rows;
+                let mut sc = scratch.take().unwrap_or_default();
+                let (rows, outcomes, skipped, sc) = tokio::task::spawn_blocking(move || {
+                    let before = rows.len();
+                    let rows: Vec<SourceRow> = if quarantined.is_empty() {
+                        rows
+                    } else {
+                        rows.into_iter()
+                            .filter(|r| !quarantined.contains(&r.id.to_string()))
+                            .collect()
+                    };
+                    let skipped = (before - rows.len()) as u64;
+                    let outcomes = keys.rotate_rows(&rows, &mut sc);
+                    (rows, outcomes, skipped, sc)
+                })
+                .await
+                .context("the re-encryption worker panicked")?;
+                scratch = Some(sc);
+                StageTimes::add(&times.crypto_busy, t0);
+                let done = DoneBatch {
+                    rows,
+                    outcomes,
+                    skipped,
+                    claim: batch.claim,
+                };
+                if done_tx.send(done).await.is_err() {
+                    break;
+                }
             }
+            anyhow::Ok(())
         }
+    };
+    let workers: Vec<_> = (0..cx.threads.max(1)).map(crypto_loop).collect();
+    // The workers hold the senders now: the writers see the channel close
+    // when the last worker ends.
+    drop(done_tx);
+    let crypto = async {
+        futures_util::future::try_join_all(workers).await?;
         anyhow::Ok(())
     };
 
@@ -213,8 +265,11 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
             let mut conn: Option<Conn> = None;
             loop {
                 // The lock is held only to take the next batch.
+                let t0 = std::time::Instant::now();
                 let next = done_rx.lock().await.recv().await;
                 let Some(batch) = next else { break };
+                StageTimes::add(&times.write_wait, t0);
+                let t0 = std::time::Instant::now();
                 let mut rewrites: Vec<Rewrite> = Vec::with_capacity(batch.rows.len());
                 let mut failed: Vec<Quarantined> = Vec::new();
                 let mut current = 0u64;
@@ -274,7 +329,7 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                             let (c, result) = tokio::task::spawn_blocking(move || {
                                 let c = match c {
                                     Some(c) => c,
-                                    None => t.sqlite_connect()?,
+                                    None => t.sqlite_connect_writer()?,
                                 };
                                 let result = t.sqlite_write(&c, &rewrites, &kid, check);
                                 anyhow::Ok((c, result.map(|n| (n, rewrites))))
@@ -310,6 +365,7 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                         );
                     }
                 }
+                StageTimes::add(&times.write_busy, t0);
                 let conflicted = rewrites.len() as u64 - changed;
                 sum.rows_scanned += scanned;
                 sum.rows_reencrypted += changed;
@@ -328,7 +384,26 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
     };
     let writer = futures_util::future::try_join_all((0..writers).map(write_loop));
 
-    let ((), (), sums) = tokio::try_join!(reader, crypto, writer)?;
+    let checkpointer = match target.backend {
+        Backend::Sqlite => Some(Checkpointer::start(target)?),
+        Backend::Postgres => None,
+    };
+    let result = tokio::try_join!(reader, crypto, writer);
+    if let Some(c) = checkpointer {
+        c.finish().await;
+    }
+    let ((), (), sums) = result?;
+    let ms = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) / 1000;
+    tracing::debug!(
+        target.name = target.name.as_str(),
+        wall_ms = pass_started.elapsed().as_millis() as u64,
+        read_busy_ms = ms(&times.read_busy),
+        crypto_busy_ms = ms(&times.crypto_busy),
+        crypto_wait_ms = ms(&times.crypto_wait),
+        write_busy_ms = ms(&times.write_busy),
+        write_wait_ms = ms(&times.write_wait),
+        "re-encryption pass stage times"
+    );
     let mut sum = TargetSummary::new(&target.name);
     for s in &sums {
         sum.add(s);

@@ -94,6 +94,17 @@ impl Target {
         Ok(conn)
     }
 
+    /// Opens the engine's SQLite write connection: as [`Self::sqlite_connect`],
+    /// but its commits never checkpoint the WAL; a [`Checkpointer`] beside
+    /// it does, on the other core, instead of the writer stopping every
+    /// thousand pages to copy them into the database file and wait for the
+    /// disk.
+    pub fn sqlite_connect_writer(&self) -> anyhow::Result<Conn> {
+        let conn = self.sqlite_connect()?;
+        conn.exec("PRAGMA wal_autocheckpoint = 0")?;
+        Ok(conn)
+    }
+
     /// Reads the next batch on SQLite (blocking).
     pub fn sqlite_read(
         &self,
@@ -176,12 +187,12 @@ impl Target {
             let mut changed = 0;
             for r in rows {
                 st.reset();
-                st.bind_text(1, &r.new_token)?;
+                st.bind_text_borrowed(1, &r.new_token)?;
                 match &r.id {
                     RowId::Int(i) => st.bind_i64(2, *i)?,
-                    RowId::Text(s) => st.bind_text(2, s)?,
+                    RowId::Text(s) => st.bind_text_borrowed(2, s)?,
                 }
-                st.bind_text(3, &r.old_token)?;
+                st.bind_text_borrowed(3, &r.old_token)?;
                 st.step()
                     .with_context(|| format!("writing a batch to target {}", self.name))?;
                 changed += conn.changes();
@@ -322,5 +333,77 @@ pub async fn pg_check_active(tx: &mut PgTx, kid: &str) -> anyhow::Result<()> {
     match row {
         Some(_) => Ok(()),
         None => Err(ActiveKeyChanged(kid.to_string()).into()),
+    }
+}
+
+/// Checkpoints a SQLite target's WAL from its own thread and connection
+/// while the engine writes (the engine's writer has automatic checkpoints
+/// off): a PASSIVE checkpoint every few milliseconds, so the WAL stays
+/// small, and one more when the pass ends. A checkpoint that cannot run
+/// (busy) is only retried later: the WAL itself is the committed data.
+pub struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Pause between two checkpoints: at the engine's rate that is a few
+/// thousand pages, about the size SQLite's own automatic checkpoint takes.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// WAL length (in frames, a page each) past which a fully copied WAL is
+/// restarted: 16,384 frames of 4 KiB, 64 MiB.
+const RESTART_AT_FRAMES: i64 = 16_384;
+
+impl Checkpointer {
+    pub fn start(target: &Target) -> anyhow::Result<Checkpointer> {
+        let conn = target.sqlite_connect()?;
+        let name = target.name.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("reencrypt-wal".into())
+            .spawn(move || {
+                // (frames in the WAL, frames copied to the database file)
+                let run = |mode: &str| -> anyhow::Result<(i64, i64)> {
+                    let mut st = conn.prepare(&format!("PRAGMA wal_checkpoint({mode})"))?;
+                    st.step()?;
+                    Ok((st.column_i64(1), st.column_i64(2)))
+                };
+                let checkpoint = || match run("PASSIVE") {
+                    // Everything is copied but the WAL is long: RESTART
+                    // (nothing left to copy, so the writer waits only for
+                    // its lock) makes the next commit write from the WAL's
+                    // start again, so the file stops growing.
+                    Ok((log, done)) if log >= RESTART_AT_FRAMES && done == log => {
+                        if let Err(e) = run("RESTART") {
+                            tracing::debug!(
+                                target.name = name.as_str(),
+                                "WAL restart skipped: {e:#}"
+                            );
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(
+                            target.name = name.as_str(),
+                            "WAL checkpoint skipped: {e:#}"
+                        )
+                    }
+                };
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    checkpoint();
+                }
+                checkpoint();
+            })
+            .context("starting the WAL checkpoint thread")?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    /// Runs the last checkpoint and waits for it.
+    pub async fn finish(self) {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 }

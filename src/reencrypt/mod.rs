@@ -4,7 +4,7 @@
 //! keys the census shows protect no row.
 //!
 //! - `target`: the tables and their SQL (identifiers quoted, values bound).
-//! - `rotate`: the CPU stage (pure): kid-directed `rotate_from` on rayon.
+//! - `rotate`: the CPU stage (pure): kid-directed `rotate_from`, a batch per crypto worker.
 //! - `engine`: the pipeline reader -> crypto -> writer for one pass.
 //! - `census`: rows per data key across every target.
 //! - `quarantine`: rows no key opens, recorded and skipped.
@@ -316,13 +316,6 @@ async fn run_unaudited(
         }
     }
 
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("reencrypt-{i}"))
-            .build()
-            .context("starting the re-encryption threads")?,
-    );
     let mut per_target: Vec<TargetSummary> = targets
         .iter()
         .map(|t| TargetSummary::new(&t.name))
@@ -368,7 +361,7 @@ async fn run_unaudited(
                 let cx = PassCtx {
                     store: &app.store,
                     keys: keys.clone(),
-                    pool: pool.clone(),
+                    threads,
                     batch_size,
                     quarantined,
                     progress: &progress,
@@ -398,22 +391,19 @@ async fn run_unaudited(
     // Retire what the census shows protects nothing. The census counts
     // every target, whatever --target chose, so a key another target still
     // needs stays.
-    let census = census::census_with(app, revoked)
+    let counts = census::count_with(app, revoked)
         .await
         .context("counting rows per data key after the run")?;
     let expired = app
-        .expire(now, false, |kid| Some(census.rows_under(kid)))
+        .expire(now, false, |kid| Some(counts.rows_under(kid)))
         .await?;
     let retired: Vec<String> = expired
         .into_iter()
         .filter(|e| e.purpose == crate::keyring::Purpose::Data)
         .map(|e| e.kid)
         .collect();
-    let census = if retired.is_empty() {
-        census
-    } else {
-        census::census_with(app, revoked).await?
-    };
+    // Labelled after the retirements, from the same count.
+    let census = counts.census(app).await?;
 
     let mut all = TargetSummary::default();
     for s in &per_target {

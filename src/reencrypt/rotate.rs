@@ -1,16 +1,15 @@
 //! The CPU stage of the engine: re-encrypt one batch of tokens under the
-//! active data key on a rayon pool. Pure: no IO, no clock, no async.
+//! active data key, on the calling thread (the engine runs one batch per
+//! crypto worker). Pure: no IO, no clock, no async.
 //!
 //! The kid a row carries picks the old key directly (one MAC check, no trial
 //! decryption); only a row without a kid, or whose kid names no usable key
 //! or a key that does not verify it, is tried against every usable key in
-//! MultiFernet order (active first). Each rayon work item owns one
+//! MultiFernet order (active first). Each crypto worker owns one
 //! `FernetScratch` (decode buffer and IV generator), so the per-token path
 //! allocates only the new token's text.
 
 use std::collections::HashMap;
-
-use rayon::prelude::*;
 
 use super::target::SourceRow;
 use crate::crypto::fernet::{FernetError, FernetKey, FernetScratch, MultiFernet};
@@ -123,24 +122,15 @@ impl RotateKeys {
         }
     }
 
-    /// Re-encrypts a batch on `pool`: rows are split into one work item per
-    /// thread-share, each with its own scratch. Outcomes are in row order.
-    pub fn rotate_batch(&self, rows: &[SourceRow], pool: &rayon::ThreadPool) -> Vec<Outcome> {
-        let threads = pool.current_num_threads().max(1);
-        // A few items per thread balance uneven tokens without paying for a
-        // scratch (one OS-seeded RNG) per row.
-        let chunk = rows.len().div_ceil(threads * 4).max(32);
-        pool.install(|| {
-            rows.par_chunks(chunk)
-                .flat_map_iter(|part| {
-                    let mut scratch = FernetScratch::default();
-                    let mut out = Vec::with_capacity(part.first().map_or(0, |r| r.token.len()));
-                    part.iter()
-                        .map(|r| self.rotate_row(r, &mut scratch, &mut out))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        })
+    /// Re-encrypts a batch on the calling thread with the caller's
+    /// scratch (the engine gives each crypto worker one, kept across
+    /// batches, so the OS is asked for a random seed once per worker, not
+    /// per row). Outcomes are in row order.
+    pub fn rotate_rows(&self, rows: &[SourceRow], scratch: &mut FernetScratch) -> Vec<Outcome> {
+        let mut out = Vec::with_capacity(rows.first().map_or(0, |r| r.token.len()));
+        rows.iter()
+            .map(|r| self.rotate_row(r, scratch, &mut out))
+            .collect()
     }
 }
 
@@ -176,17 +166,13 @@ mod tests {
     #[test]
     fn rows_move_to_the_active_key_keeping_plaintext_and_timestamp() {
         let (rk, new, old) = keys();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
         let rows: Vec<SourceRow> = (0..300)
             .map(|i| {
                 let t = old.encrypt(format!("value {i}").as_bytes(), 1_000 + i as u64);
                 row(i, t, if i % 2 == 0 { Some("old") } else { None })
             })
             .collect();
-        let out = rk.rotate_batch(&rows, &pool);
+        let out = rk.rotate_rows(&rows, &mut FernetScratch::default());
         assert_eq!(out.len(), rows.len());
         for (i, (o, r)) in out.iter().zip(&rows).enumerate() {
             let Outcome::Rotated(t) = o else {

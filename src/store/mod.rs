@@ -74,6 +74,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "alerts",
         include_str!("../../migrations/sqlite/0007_alerts.sql"),
     ),
+    (
+        8,
+        "secrets_no_kid_index",
+        include_str!("../../migrations/sqlite/0008_secrets_no_kid_index.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -105,6 +110,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "alerts",
         include_str!("../../migrations/postgres/0007_alerts.sql"),
+    ),
+    (
+        8,
+        "secrets_no_kid_index",
+        include_str!("../../migrations/postgres/0008_secrets_no_kid_index.sql"),
     ),
 ];
 

@@ -80,17 +80,6 @@ impl Store {
             })
             .collect()
     }
-
-    /// How many secrets each kid protects in keywarden's own store.
-    pub async fn secret_counts_by_kid(&self) -> anyhow::Result<Vec<(String, i64)>> {
-        let rows = sqlx::query("SELECT kid, COUNT(*) FROM secrets GROUP BY kid ORDER BY kid")
-            .fetch_all(self.pool())
-            .await
-            .context("counting secrets per key")?;
-        rows.iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
-            .collect()
-    }
 }
 
 /// Writes (inserts or replaces) secrets inside the caller's transaction
