@@ -112,6 +112,10 @@ def main() -> None:
         report["crypto"] = {
             "keywarden_1t": ours["ops_per_s_1t"], "keywarden_2t": ours["ops_per_s_2t"],
             "python_single": peer["ops_per_s"], "python_pool2": peer.get("pool_ops_per_s"),
+            # cryptography 42 rotated about 16-27k tokens/s here; from some
+            # later release Fernet runs in Rust and does about 280k/s, so the
+            # ratio depends on which one --python has.
+            "python_cryptography": (peer.get("env") or {}).get("cryptography"),
             "ratio_1t_vs_python_single": round(ours["ops_per_s_1t"] / peer["ops_per_s"], 2),
             "ratio_2t_vs_1t": ours["ratio_2t_1t"],
             # Per CPU second, 2 threads vs 1: near 1.0 means the work scales

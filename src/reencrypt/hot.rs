@@ -350,6 +350,9 @@ pub struct Checkpointer {
 /// thousand pages, about the size SQLite's own automatic checkpoint takes.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// How long a checkpoint waits for other connections, in milliseconds.
+const CHECKPOINT_BUSY_TIMEOUT_MS: i32 = 100;
+
 /// WAL length (in frames, a page each) past which a fully copied WAL is
 /// restarted: 16,384 frames of 4 KiB, 64 MiB.
 const RESTART_AT_FRAMES: i64 = 16_384;
@@ -357,6 +360,12 @@ const RESTART_AT_FRAMES: i64 = 16_384;
 impl Checkpointer {
     pub fn start(target: &Target) -> anyhow::Result<Checkpointer> {
         let conn = target.sqlite_connect()?;
+        // A RESTART checkpoint holds off every writer of the file (the
+        // application's too) while it waits for readers: it may wait only
+        // briefly, and is tried again later if a reader is slow.
+        conn.exec(&format!(
+            "PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}"
+        ))?;
         let name = target.name.clone();
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
