@@ -29,8 +29,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use aws_lc_rs::constant_time;
+use ::hmac::{Hmac, KeyInit, Mac};
 use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::error::Unspecified;
 use aws_lc_rs::hmac;
 use aws_lc_rs::rsa::{KeyPair as RsaKeyPair, KeySize};
 use aws_lc_rs::signature::{
@@ -42,6 +43,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::b64url;
@@ -509,11 +511,14 @@ struct OwnHeader {
     encoded: String,
     /// The key's position in `entries`.
     position: usize,
-    /// For an HMAC key: an HMAC context already fed with `encoded` and the `.` after it, the
-    /// start of every signing input with this header. Verification clones it (the same copy of
-    /// an HMAC state that `hmac::verify` makes from the key) and feeds it only the rest, which
-    /// saves hashing the header again: one SHA-256 block of the six or so in a typical token.
-    midstate: Option<hmac::Context>,
+    /// For an HMAC key: an HMAC-SHA256 already fed with `encoded` and the `.` after it, the
+    /// start of every signing input with this header. Verification clones it and feeds it only
+    /// the rest, which saves hashing the header again (one SHA-256 block of the six or so in a
+    /// typical token). RustCrypto's `hmac` (with `sha2`, which uses the CPU's SHA extensions)
+    /// rather than aws-lc-rs here: its state is a few hundred bytes copied by value, where
+    /// cloning an `hmac::Context` initialises and copies a whole `HMAC_CTX` through FFI, which
+    /// costs about as much as hashing two blocks.
+    midstate: Option<Hmac<Sha256>>,
 }
 
 impl fmt::Debug for VerifierSet {
@@ -556,11 +561,12 @@ impl VerifierSet {
             if let Some(verifier) = &verifier {
                 let encoded = signed_header_b64(&kid, alg);
                 let midstate = match verifier {
-                    Verifier::Hmac(key) => {
-                        let mut context = hmac::Context::with_key(key);
-                        context.update(encoded.as_bytes());
-                        context.update(b".");
-                        Some(context)
+                    Verifier::Hmac(_) => {
+                        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(material)
+                            .expect("HMAC takes a key of any length");
+                        mac.update(encoded.as_bytes());
+                        mac.update(b".");
+                        Some(mac)
                     }
                     Verifier::Public(_) => None,
                 };
@@ -719,8 +725,8 @@ fn two_dots(bytes: &[u8]) -> Option<(usize, usize)> {
 enum Signed<'a> {
     /// The whole signing input, with the key.
     Whole(&'a Verifier, &'a [u8]),
-    /// An HMAC context already fed with the start of the signing input, and the rest of it.
-    Rest(&'a hmac::Context, &'a [u8]),
+    /// An HMAC already fed with the start of the signing input, and the rest of it.
+    Rest(&'a Hmac<Sha256>, &'a [u8]),
 }
 
 /// Decodes the signature into an `N`-byte stack buffer and checks it over the signing input.
@@ -737,10 +743,10 @@ fn check_signature<const N: usize>(
         Signed::Whole(Verifier::Hmac(key), input) => hmac::verify(key, input, signature),
         Signed::Whole(Verifier::Public(key), input) => key.verify_sig(input, signature),
         Signed::Rest(midstate, rest) => {
-            let mut context = midstate.clone();
-            context.update(rest);
-            // What `hmac::verify` does with its tag: a constant-time comparison.
-            constant_time::verify_slices_are_equal(context.sign().as_ref(), signature)
+            let mut mac = midstate.clone();
+            mac.update(rest);
+            // Like `hmac::verify`: a length check, then a constant-time comparison of the tags.
+            mac.verify_slice(signature).map_err(|_| Unspecified)
         }
     };
     verified.map_err(|_| VerifyError::BadSignature)
