@@ -19,6 +19,7 @@
 //! - [`check`] holds the RFC 7519 rules once, over a [`ClaimSource`] that both readers implement.
 
 use std::fmt;
+use std::mem::MaybeUninit;
 
 use serde_json::{Map, Value};
 
@@ -320,7 +321,12 @@ impl ClaimSource for Scanned<'_> {
     }
 }
 
+#[inline(always)]
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    // Compact JSON has no whitespace: one comparison decides the common case.
+    if b.get(i).is_none_or(|&c| c > b' ') {
+        return i;
+    }
     while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
         i += 1;
     }
@@ -449,7 +455,11 @@ fn scan(json: &[u8]) -> Option<Registered> {
     }
     let mut s = Scanner { b: json, i: 0 };
     let mut registered = Registered::default();
-    let mut names = [(0u32, 0u64, 0u64, 0u32); MAX_NAMES];
+    // The names seen so far, and a 128-bit filter of their keys: a name whose filter bit is
+    // clear is new without comparing it with each earlier one. Left uninitialised (zeroing the
+    // array cost more than the whole duplicate check); entries below `count` are written.
+    let mut names = [const { MaybeUninit::<(u32, u64, u64, u32)>::uninit() }; MAX_NAMES];
+    let mut seen = 0u128;
     let mut count = 0;
     s.skip_ws();
     s.eat(b'{')?;
@@ -463,18 +473,27 @@ fn scan(json: &[u8]) -> Option<Registered> {
             let (start, end) = s.string_body()?;
             let name = &json[start..end];
             let key = name_key(json, start, end);
-            for &(len, first, last, at) in &names[..count] {
-                if (len, first, last) == key
-                    && (len <= 8 || &json[at as usize..at as usize + len as usize] == name)
-                {
-                    // A repeated name: serde_json's strict reader rejects it.
-                    return None;
+            let bit = 1u128
+                << ((key.1 ^ key.2.rotate_left(29) ^ u64::from(key.0))
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    >> 57);
+            if seen & bit != 0 {
+                for name_seen in &names[..count] {
+                    // SAFETY: every entry below `count` was written below.
+                    let (len, first, last, at) = unsafe { name_seen.assume_init() };
+                    if (len, first, last) == key
+                        && (len <= 8 || &json[at as usize..at as usize + len as usize] == name)
+                    {
+                        // A repeated name: serde_json's strict reader rejects it.
+                        return None;
+                    }
                 }
             }
             if count == MAX_NAMES {
                 return None;
             }
-            names[count] = (key.0, key.1, key.2, start as u32);
+            seen |= bit;
+            names[count].write((key.0, key.1, key.2, start as u32));
             count += 1;
             s.skip_ws();
             s.eat(b':')?;
