@@ -273,7 +273,7 @@ impl App {
             // token is a no-op, revoking a forged one is refused.
             let opts = self.verify_options(now, None, None);
             let claims = match self.verify_token(s, &opts).await? {
-                Ok(v) => (v.claims.into_value(), v.kid),
+                Ok(v) => (v.claims.into_value(), v.kid.to_string()),
                 Err(VerifyError::Revoked) => {
                     return Err(UsageError("this token is already revoked".into()).into());
                 }

@@ -109,7 +109,13 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
             record_outcome(&app, now, result.as_ref().err()).await;
             report_verification(
                 ctx,
-                result.map(|v| (v.kid, Some(v.alg.as_str()), v.claims.into_value())),
+                result.map(|v| {
+                    (
+                        v.kid.to_string(),
+                        Some(v.alg.as_str()),
+                        v.claims.into_value(),
+                    )
+                }),
             )
         }
         TokenCmd::Encrypt { claims, ttl } => {

@@ -332,7 +332,7 @@ both_backends!(
         let opts = VerifyOptions::new(chrono::Utc::now().timestamp());
         for c in &caches {
             let v = c.verify_token(&token, &opts).unwrap();
-            assert_eq!(v.unwrap().kid, old_sig, "{}", c.instance_id());
+            assert_eq!(&*v.unwrap().kid, old_sig, "{}", c.instance_id());
         }
         env.run(&["token", "verify", &token]).ok();
         let jwks_kids = |env: &Env| -> Vec<String> {
@@ -403,7 +403,7 @@ both_backends!(
         let opts = VerifyOptions::new(chrono::Utc::now().timestamp());
         for c in &caches {
             assert_eq!(
-                c.verify_token(fresh.trim(), &opts).unwrap().unwrap().kid,
+                &*c.verify_token(fresh.trim(), &opts).unwrap().unwrap().kid,
                 new_sig
             );
         }

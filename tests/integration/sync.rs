@@ -235,13 +235,13 @@ both_backends!(keyring_cache_follows_rotations_and_acknowledges, |env| {
         .verify_token(old_token.trim(), &opts())
         .unwrap()
         .unwrap();
-    assert_eq!(verified.kid, sig["old_kid"].as_str().unwrap());
+    assert_eq!(&*verified.kid, sig["old_kid"].as_str().unwrap());
     let new_token = env.run(&["token", "sign"]).ok().stdout_str();
     let verified = cache
         .verify_token(new_token.trim(), &opts())
         .unwrap()
         .unwrap();
-    assert_eq!(verified.kid, sig["new_kid"].as_str().unwrap());
+    assert_eq!(&*verified.kid, sig["new_kid"].as_str().unwrap());
     // Those verifications were counted; start the counters below afresh.
     rt.block_on(cache.flush_verifications()).unwrap();
     let stale: Vec<String> = get(&url, redis::cmd("KEYS").arg("keywarden:verify:*"));
