@@ -53,7 +53,7 @@ pub const DEFAULT_BATCH_SIZE: usize = 1000;
 /// development machine (2 cores, loaded) with the defaults on 1M rows
 /// (README "Tuning"), rounded down.
 const ESTIMATED_ROWS_PER_SECOND: [(Backend, f64); 2] =
-    [(Backend::Sqlite, 100_000.0), (Backend::Postgres, 45_000.0)];
+    [(Backend::Sqlite, 200_000.0), (Backend::Postgres, 90_000.0)];
 
 /// What to run.
 #[derive(Clone, Debug, Default)]
