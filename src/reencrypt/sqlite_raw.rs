@@ -175,18 +175,8 @@ impl<'c> Stmt<'c> {
     /// Binds text; SQLite copies it (SQLITE_TRANSIENT), so `v` need not
     /// outlive the call.
     pub fn bind_text(&mut self, i: c_int, v: &str) -> anyhow::Result<()> {
-        let len = c_int::try_from(v.len()).context("value too long for SQLite")?;
-        // SAFETY: live statement; `v` is valid for `len` bytes and copied.
-        let rc = unsafe {
-            ffi::sqlite3_bind_text(
-                self.stmt.as_ptr(),
-                i,
-                v.as_ptr().cast(),
-                len,
-                ffi::SQLITE_TRANSIENT(),
-            )
-        };
-        self.check(rc)
+        // SAFETY: SQLITE_TRANSIENT makes SQLite copy `v` before returning.
+        unsafe { self.bind_text_with(i, v, ffi::SQLITE_TRANSIENT()) }
     }
 
     /// Binds text without copying it (SQLITE_STATIC): SQLite reads `v`
@@ -195,18 +185,25 @@ impl<'c> Stmt<'c> {
     /// `'c` (the statement's own lifetime) enforces. Saves a copy per row
     /// on the engine's write path.
     pub fn bind_text_borrowed(&mut self, i: c_int, v: &'c str) -> anyhow::Result<()> {
+        // SAFETY: `v` is valid for `'c`, which outlasts every use of this
+        // statement, its finalization included.
+        unsafe { self.bind_text_with(i, v, ffi::SQLITE_STATIC()) }
+    }
+
+    /// # Safety
+    /// With `SQLITE_STATIC`, `v` must stay valid while SQLite may read it:
+    /// until the parameter is bound again or the statement is finalized.
+    unsafe fn bind_text_with(
+        &mut self,
+        i: c_int,
+        v: &str,
+        destructor: ffi::sqlite3_destructor_type,
+    ) -> anyhow::Result<()> {
         let len = c_int::try_from(v.len()).context("value too long for SQLite")?;
-        // SAFETY: live statement; `v` is valid for `len` bytes for `'c`,
-        // which outlasts every use of this statement, its finalization
-        // included.
+        // SAFETY: live statement; `v` is valid for `len` bytes now, and for
+        // as long as SQLite keeps the pointer by the caller's contract.
         let rc = unsafe {
-            ffi::sqlite3_bind_text(
-                self.stmt.as_ptr(),
-                i,
-                v.as_ptr().cast(),
-                len,
-                ffi::SQLITE_STATIC(),
-            )
+            ffi::sqlite3_bind_text(self.stmt.as_ptr(), i, v.as_ptr().cast(), len, destructor)
         };
         self.check(rc)
     }
