@@ -147,7 +147,7 @@ pub async fn census_with(app: &App, revoked: Option<&str>) -> anyhow::Result<Cen
 
 /// The rows counted per data key and target, before they are labelled with
 /// the keys' states ([`Counts::census`]).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Counts {
     map: BTreeMap<Option<String>, BTreeMap<String, u64>>,
     quarantined: BTreeMap<String, u64>,
@@ -201,8 +201,8 @@ impl Counts {
     /// The census lines, with the keys' states as the keyring holds them
     /// now (so labelling the same counts again after a retirement needs no
     /// second scan).
-    pub async fn census(&self, app: &App) -> anyhow::Result<Census> {
-        let mut map = self.map.clone();
+    pub async fn census(self, app: &App) -> anyhow::Result<Census> {
+        let mut map = self.map;
         let metas = app.key_metas(Some(Purpose::Data)).await?;
         let mut entries = Vec::new();
         // Every data key that can still decrypt, and any other that holds rows:
@@ -232,7 +232,7 @@ impl Counts {
         }
         Ok(Census {
             entries,
-            quarantined: self.quarantined.clone(),
+            quarantined: self.quarantined,
         })
     }
 }

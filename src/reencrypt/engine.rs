@@ -13,7 +13,8 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
@@ -98,15 +99,15 @@ async fn check_active(
 /// where a slow pass spends its time.
 #[derive(Default)]
 struct StageTimes {
-    read_busy: std::sync::atomic::AtomicU64,
-    crypto_busy: std::sync::atomic::AtomicU64,
-    crypto_wait: std::sync::atomic::AtomicU64,
-    write_busy: std::sync::atomic::AtomicU64,
-    write_wait: std::sync::atomic::AtomicU64,
+    read_busy: AtomicU64,
+    crypto_busy: AtomicU64,
+    crypto_wait: AtomicU64,
+    write_busy: AtomicU64,
+    write_wait: AtomicU64,
 }
 
 impl StageTimes {
-    fn add(counter: &std::sync::atomic::AtomicU64, since: std::time::Instant) {
+    fn add(counter: &AtomicU64, since: Instant) {
         counter.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 }
@@ -114,7 +115,7 @@ impl StageTimes {
 /// Runs one pass over `target`; returns what it did.
 pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<TargetSummary> {
     let active = cx.keys.active_kid.clone();
-    let pass_started = std::time::Instant::now();
+    let pass_started = Instant::now();
     let times = StageTimes::default();
     let times = &times;
     let (read_tx, read_rx) = mpsc::channel::<ReadBatch>(2);
@@ -130,6 +131,7 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
             let mut after: Option<RowId> = None;
             let mut conn: Option<Conn> = None;
             loop {
+                let t0 = Instant::now();
                 let (rows, claim) = match target.backend {
                     Backend::Postgres => {
                         let mut tx = target.pg_begin().await?;
@@ -142,7 +144,6 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                         let (t, a, limit) = (target.clone(), active.clone(), cx.batch_size);
                         let prev = after.clone();
                         let c = conn.take();
-                        let t0 = std::time::Instant::now();
                         let (c, rows) = tokio::task::spawn_blocking(move || {
                             let c = match c {
                                 Some(c) => c,
@@ -153,11 +154,11 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                         })
                         .await
                         .context("the re-encryption reader panicked")??;
-                        StageTimes::add(&times.read_busy, t0);
                         conn = Some(c);
                         (rows, None)
                     }
                 };
+                StageTimes::add(&times.read_busy, t0);
                 let Some(last) = rows.last() else {
                     break;
                 };
@@ -181,20 +182,21 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
         let read_rx = read_rx.clone();
         let done_tx = done_tx.clone();
         async move {
-            let mut scratch = Some(FernetScratch::default());
+            // Moved into each blocking task and handed back with its result.
+            let mut scratch = FernetScratch::default();
             loop {
-                let t0 = std::time::Instant::now();
+                let t0 = Instant::now();
                 let next = read_rx.lock().await.recv().await;
                 let Some(batch) = next else {
                     break;
                 };
                 StageTimes::add(&times.crypto_wait, t0);
-                let t0 = std::time::Instant::now();
+                let t0 = Instant::now();
                 let keys = cx.keys.clone();
                 let quarantined = cx.quarantined.clone();
                 let rows = batch.rows;
-                let mut sc = scratch.take().unwrap_or_default();
                 let (rows, outcomes, skipped, sc) = tokio::task::spawn_blocking(move || {
+                    let mut sc = scratch;
                     let before = rows.len();
                     let rows: Vec<SourceRow> = if quarantined.is_empty() {
                         rows
@@ -209,7 +211,7 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
                 })
                 .await
                 .context("the re-encryption worker panicked")?;
-                scratch = Some(sc);
+                scratch = sc;
                 StageTimes::add(&times.crypto_busy, t0);
                 let done = DoneBatch {
                     rows,
@@ -265,11 +267,11 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
             let mut conn: Option<Conn> = None;
             loop {
                 // The lock is held only to take the next batch.
-                let t0 = std::time::Instant::now();
+                let t0 = Instant::now();
                 let next = done_rx.lock().await.recv().await;
                 let Some(batch) = next else { break };
                 StageTimes::add(&times.write_wait, t0);
-                let t0 = std::time::Instant::now();
+                let t0 = Instant::now();
                 let mut rewrites: Vec<Rewrite> = Vec::with_capacity(batch.rows.len());
                 let mut failed: Vec<Quarantined> = Vec::new();
                 let mut current = 0u64;
@@ -393,7 +395,7 @@ pub async fn run_pass(cx: &PassCtx<'_>, target: &Target) -> anyhow::Result<Targe
         c.finish().await;
     }
     let ((), (), sums) = result?;
-    let ms = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) / 1000;
+    let ms = |c: &AtomicU64| c.load(Ordering::Relaxed) / 1000;
     tracing::debug!(
         target.name = target.name.as_str(),
         wall_ms = pass_started.elapsed().as_millis() as u64,
