@@ -31,7 +31,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use ::hmac::{Hmac, KeyInit, Mac};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::error::Unspecified;
 use aws_lc_rs::hmac;
@@ -45,11 +44,11 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
-use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::b64url;
 pub use super::claims::Claims;
+use super::prefixed_hmac::PrefixedHmac;
 
 /// Default clock-skew allowance for `exp` and `nbf`, in seconds.
 pub const DEFAULT_LEEWAY_SECS: i64 = 60;
@@ -513,14 +512,13 @@ struct OwnHeader {
     encoded: String,
     /// The key's position in `entries`.
     position: usize,
-    /// For an HMAC key: an HMAC-SHA256 already fed with `encoded` and the `.` after it, the
-    /// start of every signing input with this header. Verification clones it and feeds it only
-    /// the rest, which saves hashing the header again (one SHA-256 block of the six or so in a
-    /// typical token). RustCrypto's `hmac` (with `sha2`, which uses the CPU's SHA extensions)
-    /// rather than aws-lc-rs here: its state is a few hundred bytes copied by value, where
-    /// cloning an `hmac::Context` initialises and copies a whole `HMAC_CTX` through FFI, which
-    /// costs about as much as hashing two blocks.
-    midstate: Option<Hmac<Sha256>>,
+    /// For an HMAC key: the HMAC keyed and already fed with `encoded` and the `.` after it, the
+    /// start of every signing input with this header ([`PrefixedHmac`]). Verification hashes
+    /// only the rest, which saves hashing the header again (one SHA-256 block of the six or so
+    /// in a typical token) and copies two states instead of cloning a keyed MAC: cloning an
+    /// aws-lc `hmac::Context` initialises and copies a whole `HMAC_CTX` through FFI, which costs
+    /// about as much as hashing two blocks.
+    midstate: Option<PrefixedHmac>,
 }
 
 impl fmt::Debug for VerifierSet {
@@ -563,13 +561,10 @@ impl VerifierSet {
             if let Some(verifier) = &verifier {
                 let encoded = signed_header_b64(&kid, alg);
                 let midstate = match verifier {
-                    Verifier::Hmac(_) => {
-                        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(material)
-                            .expect("HMAC takes a key of any length");
-                        mac.update(encoded.as_bytes());
-                        mac.update(b".");
-                        Some(mac)
-                    }
+                    Verifier::Hmac(_) => Some(PrefixedHmac::new(
+                        material,
+                        &[encoded.as_bytes(), b"."].concat(),
+                    )),
                     Verifier::Public(_) => None,
                 };
                 own_headers.push(OwnHeader {
@@ -671,7 +666,11 @@ impl VerifierSet {
 
         let payload_len = b64url::decoded_len(payload_b64.len())
             .ok_or_else(|| VerifyError::malformed("payload is not unpadded base64url"))?;
-        let mut payload = vec![0u8; payload_len];
+        // `with_capacity` and `resize` rather than `vec![0; n]`: that is `calloc`, which glibc
+        // serves without its per-thread cache, at about twice the cost of `malloc` and a memset.
+        #[allow(clippy::slow_vector_initialization)]
+        let mut payload = Vec::with_capacity(payload_len);
+        payload.resize(payload_len, 0);
         b64url::decode_into(payload_b64.as_bytes(), &mut payload)
             .ok_or_else(|| VerifyError::malformed("payload is not unpadded base64url"))?;
         let claims = Claims::from_json(payload)?;
@@ -728,7 +727,7 @@ enum Signed<'a> {
     /// The whole signing input, with the key.
     Whole(&'a Verifier, &'a [u8]),
     /// An HMAC already fed with the start of the signing input, and the rest of it.
-    Rest(&'a Hmac<Sha256>, &'a [u8]),
+    Rest(&'a PrefixedHmac, &'a [u8]),
 }
 
 /// Decodes the signature into an `N`-byte stack buffer and checks it over the signing input.
@@ -744,12 +743,11 @@ fn check_signature<const N: usize>(
         // `hmac::verify` compares tags in constant time.
         Signed::Whole(Verifier::Hmac(key), input) => hmac::verify(key, input, signature),
         Signed::Whole(Verifier::Public(key), input) => key.verify_sig(input, signature),
-        Signed::Rest(midstate, rest) => {
-            let mut mac = midstate.clone();
-            mac.update(rest);
-            // Like `hmac::verify`: a length check, then a constant-time comparison of the tags.
-            mac.verify_slice(signature).map_err(|_| Unspecified)
-        }
+        // Like `hmac::verify`: a length check, then a constant-time comparison of the tags.
+        Signed::Rest(midstate, rest) => midstate
+            .verify(rest, signature)
+            .then_some(())
+            .ok_or(Unspecified),
     };
     verified.map_err(|_| VerifyError::BadSignature)
 }

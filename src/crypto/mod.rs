@@ -10,6 +10,7 @@ pub mod claims;
 pub mod fernet;
 pub mod jose;
 pub mod jwe;
+pub mod prefixed_hmac;
 pub mod rootkey;
 
 use std::fmt;
