@@ -462,6 +462,14 @@ fn eight_digits(word: u64) -> Option<u64> {
 
 /// Scans a payload of the common shape (see the module comment). `None` means "not sure": the
 /// caller must parse with serde_json, which decides.
+///
+/// The top level walks the payload's quotes as a stream ([`Quotes`]): with no backslash anywhere,
+/// every string runs from one quote to the next, so each name and each string value is the next
+/// pair of quotes, and the scanner only checks that each pair starts where the grammar expects a
+/// string. Finding a string's end is then a bit scan of a mask already in a register instead of a
+/// load and a compare at a position that the previous string's end decided, so the members no
+/// longer form one long chain of dependent loads and the CPU works on several at once. Nested
+/// arrays and objects are read by [`Scanner::value`], after which the stream skips their quotes.
 fn scan(json: &[u8]) -> Option<Registered> {
     if json.len() >= u32::MAX as usize {
         return None;
@@ -473,30 +481,34 @@ fn scan(json: &[u8]) -> Option<Registered> {
     if special || high && std::str::from_utf8(json).is_err() {
         return None;
     }
-    let mut s = Scanner { b: json, i: 0 };
+    let mut quotes = Quotes::new(json);
     let mut registered = Registered::default();
-    // The names seen so far, and a 128-bit filter of their keys: a name whose filter bit is
+    // The names seen so far, and a 64-bit filter of their keys: a name whose filter bit is
     // clear is new without comparing it with each earlier one. Left uninitialised (zeroing the
     // array cost more than the whole duplicate check); entries below `count` are written.
     let mut names = [const { MaybeUninit::<(u32, u64, u64, u32)>::uninit() }; MAX_NAMES];
-    let mut seen = 0u128;
+    let mut seen = 0u64;
     let mut count = 0;
-    s.skip_ws();
-    s.eat(b'{')?;
-    s.skip_ws();
-    if s.peek()? == b'}' {
-        s.i += 1;
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(json, i + 1);
+    if json.get(i) == Some(&b'}') {
+        i += 1;
     } else {
         loop {
-            s.skip_ws();
-            s.eat(b'"')?;
-            let (start, end) = s.string_body()?;
+            // The name: the next pair of quotes, the first exactly here.
+            if quotes.next()? != i {
+                return None;
+            }
+            let (start, end) = (i + 1, quotes.next()?);
             let name = &json[start..end];
             let key = name_key(json, start, end);
-            let bit = 1u128
+            let bit = 1u64
                 << ((key.1 ^ key.2.rotate_left(29) ^ u64::from(key.0))
                     .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    >> 57);
+                    >> 58);
             if seen & bit != 0 {
                 for name_seen in &names[..count] {
                     // SAFETY: every entry below `count` was written below.
@@ -515,9 +527,11 @@ fn scan(json: &[u8]) -> Option<Registered> {
             seen |= bit;
             names[count].write((key.0, key.1, key.2, start as u32));
             count += 1;
-            s.skip_ws();
-            s.eat(b':')?;
-            s.skip_ws();
+            i = skip_ws(json, end + 1);
+            if json.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(json, i + 1);
             let slot = match name {
                 b"exp" => Some(&mut registered.exp),
                 b"nbf" => Some(&mut registered.nbf),
@@ -526,20 +540,140 @@ fn scan(json: &[u8]) -> Option<Registered> {
                 b"jti" => Some(&mut registered.jti),
                 _ => None,
             };
-            match slot {
-                Some(slot) => *slot = s.registered_value()?,
-                None => s.value(1)?,
+            let value = match *json.get(i)? {
+                b'"' => {
+                    // The value string: the next pair of quotes. Only whitespace and the colon
+                    // lie between the name's closing quote and `i`, so the first is at `i`.
+                    let (open, close) = (quotes.next()?, quotes.next()?);
+                    debug_assert_eq!(open, i);
+                    i = close + 1;
+                    Slot::Str(open as u32 + 1, close as u32)
+                }
+                b'-' | b'0'..=b'9' => {
+                    let mut s = Scanner { b: json, i };
+                    let number = s.number()?;
+                    i = s.i;
+                    match (number, &slot) {
+                        (Some(n), _) => Slot::Int(n),
+                        // A registered claim that is a number but not a plain integer goes to
+                        // serde_json, so that NumericDates compare exactly as it reads them.
+                        (None, Some(_)) => return None,
+                        (None, None) => Slot::Other,
+                    }
+                }
+                c => {
+                    let mut s = Scanner { b: json, i };
+                    s.value(1)?;
+                    let from = i;
+                    i = s.i;
+                    if matches!(c, b'[' | b'{') {
+                        quotes.skip_to(i);
+                    }
+                    if c == b'[' {
+                        Slot::Array(from as u32, i as u32)
+                    } else {
+                        Slot::Other
+                    }
+                }
+            };
+            if let Some(slot) = slot {
+                *slot = value;
             }
-            s.skip_ws();
-            match s.next()? {
-                b',' => {}
-                b'}' => break,
+            i = skip_ws(json, i);
+            match json.get(i) {
+                Some(b',') => i = skip_ws(json, i + 1),
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
                 _ => return None,
             }
         }
     }
-    s.skip_ws();
-    (s.i == json.len()).then_some(registered)
+    (skip_ws(json, i) == json.len()).then_some(registered)
+}
+
+/// The positions of the quotes of a payload, in order, read from one 64-bit mask per 64 bytes.
+/// Each mask depends only on its chunk's place, never on where a string ended, so computing the
+/// next one does not wait for the scanner.
+struct Quotes<'a> {
+    json: &'a [u8],
+    /// The start of the chunk `bits` describes (a multiple of 64).
+    base: usize,
+    /// The quotes of that chunk not yet returned, one bit per byte.
+    bits: u64,
+}
+
+impl<'a> Quotes<'a> {
+    fn new(json: &'a [u8]) -> Self {
+        Quotes {
+            json,
+            base: 0,
+            bits: quote_mask(json, 0),
+        }
+    }
+
+    /// The position of the next quote.
+    #[inline(always)]
+    fn next(&mut self) -> Option<usize> {
+        while self.bits == 0 {
+            self.base += 64;
+            if self.base >= self.json.len() {
+                return None;
+            }
+            self.bits = quote_mask(self.json, self.base);
+        }
+        let at = self.base + self.bits.trailing_zeros() as usize;
+        self.bits &= self.bits - 1;
+        Some(at)
+    }
+
+    /// Forgets the quotes before `pos` (those of a nested value read by [`Scanner::value`]).
+    fn skip_to(&mut self, pos: usize) {
+        if pos >= self.base + 64 {
+            self.base = pos & !63;
+            self.bits = quote_mask(self.json, self.base);
+        }
+        self.bits &= !0u64 << (pos - self.base);
+    }
+}
+
+/// One bit per byte of `json[base..base + 64]` (fewer at the end), set at each `"`.
+#[inline(always)]
+fn quote_mask(json: &[u8], base: usize) -> u64 {
+    let mut padded = [0u8; 64];
+    let chunk: &[u8; 64] = match json.get(base..base + 64) {
+        Some(chunk) => chunk.try_into().expect("64 bytes"),
+        None => {
+            let tail = json.get(base..).unwrap_or_default();
+            padded[..tail.len()].copy_from_slice(tail);
+            &padded
+        }
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+        };
+        let mut mask = 0u64;
+        for part in 0..4 {
+            // SAFETY: SSE2 is part of the x86_64 baseline, and the load reads sixteen of the
+            // chunk's 64 bytes (unaligned loads have no other requirement).
+            let bits = unsafe {
+                let v = _mm_loadu_si128(chunk.as_ptr().add(16 * part).cast::<__m128i>());
+                _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8))) as u16
+            };
+            mask |= u64::from(bits) << (16 * part);
+        }
+        mask
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        chunk
+            .iter()
+            .enumerate()
+            .fold(0u64, |mask, (at, &b)| mask | (u64::from(b == b'"') << at))
+    }
 }
 
 struct Scanner<'a> {
@@ -634,30 +768,6 @@ impl Scanner<'_> {
             return None;
         }
         Some(Some(if negative { -value } else { value }))
-    }
-
-    /// A top-level value of a registered claim, remembered as a [`Slot`]. Numbers other than
-    /// plain integers go to serde_json, so that NumericDates compare exactly as it reads them.
-    /// Inlined: returned through memory, the slot cost a store-forwarding stall per claim.
-    #[inline(always)]
-    fn registered_value(&mut self) -> Option<Slot> {
-        let start = self.i;
-        Some(match self.peek()? {
-            b'"' => {
-                self.i += 1;
-                let (start, end) = self.string_body()?;
-                Slot::Str(start as u32, end as u32)
-            }
-            b'[' => {
-                self.value(1)?;
-                Slot::Array(start as u32, self.i as u32)
-            }
-            b'-' | b'0'..=b'9' => Slot::Int(self.number()??),
-            _ => {
-                self.value(1)?;
-                Slot::Other
-            }
-        })
     }
 
     /// Any JSON value at nesting `depth` (the claims object is depth 1).
