@@ -1007,10 +1007,40 @@ mod tests {
     }
 
     #[test]
+    fn strings_and_nested_values_read_alike_wherever_the_64_byte_masks_split_them() {
+        // Every offset of the members after a filler: names, string values, an array and an
+        // object (whose quotes the stream skips) and a long string, on both sides of the quote
+        // masks' 64-byte boundaries.
+        for filler in 0..200 {
+            let value = json!({
+                // Named to sort first (serde_json's map is ordered by name).
+                "a": "x".repeat(filler),
+                "aud": ["billing", "api"],
+                "n": { "k": "v", "l": ["m", { "o": "p" }] },
+                "exp": NOW + 900,
+                "iss": "keywarden",
+                "s": "y".repeat(70),
+                "jti": "j-1",
+            });
+            let json = serde_json::to_vec(&value).unwrap();
+            let claims = Claims::from_json(json.clone()).unwrap();
+            assert!(claims.was_scanned(), "filler {filler}");
+            assert_eq!(claims.jti(), Some("j-1"));
+            assert_same(&json);
+        }
+    }
+
+    #[test]
     fn mutated_payloads_get_the_same_verdict_from_both_readers() {
         let seeds = [
             br#"{"iss":"keywarden","sub":"user-1234","aud":["api","x"],"iat":1750000000,"nbf":1750000000,"exp":1750000900,"jti":"6f1c","n":{"a":[true,false,null,-1.25]}}"#.to_vec(),
             br#"{"exp":1750000600,"aud":"api","iss":"keywarden"}"#.to_vec(),
+            // A string longer than a 64-byte quote mask, and nested values across two.
+            format!(
+                r#"{{"a":[{{"b":"c"}}],"long":"{}","exp":1750000600,"z":{{"q":["r","s"]}},"iss":"k"}}"#,
+                "x".repeat(150)
+            )
+            .into_bytes(),
         ];
         let alphabet = b"{}[]\":,.-+eE0123456789 \\tnulfasr\x01\xc3\xa9";
         let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -1021,7 +1051,7 @@ mod tests {
             state
         };
         for _ in 0..20_000 {
-            let mut json = seeds[(next() % 2) as usize].clone();
+            let mut json = seeds[(next() % seeds.len() as u64) as usize].clone();
             for _ in 0..1 + next() % 3 {
                 let at = (next() as usize) % (json.len() + 1);
                 let byte = alphabet[(next() as usize) % alphabet.len()];
