@@ -361,8 +361,9 @@ pub struct SigningKey {
 
 /// A private key parsed once, ready to sign.
 enum PrivateSigner {
-    /// The HMAC key schedule (boxed: it is far larger than the other variants).
-    Hmac(Box<hmac::Key>),
+    /// The HMAC keyed and fed with this key's header and the dot, which start every token it
+    /// signs (see [`PrefixedHmac`]; boxed: it is larger than the other variants).
+    Hmac(Box<PrefixedHmac>),
     Rsa(RsaKeyPair),
     Ec(EcdsaKeyPair),
     Ed(Ed25519KeyPair),
@@ -385,10 +386,12 @@ impl SigningKey {
         if !is_valid_kid(kid) {
             return Err(KeyError::InvalidKid);
         }
+        let header_b64 = signed_header_b64(kid, alg);
         let key = match parse_private_key(kid, alg, material)? {
-            PrivateKey::Hmac => {
-                PrivateSigner::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA256, material)))
-            }
+            PrivateKey::Hmac => PrivateSigner::Hmac(Box::new(PrefixedHmac::new(
+                material,
+                &[header_b64.as_bytes(), b"."].concat(),
+            ))),
             PrivateKey::Rsa(pair) => PrivateSigner::Rsa(pair),
             PrivateKey::Ec(pair) => PrivateSigner::Ec(pair),
             PrivateKey::Ed(pair) => PrivateSigner::Ed(pair),
@@ -396,7 +399,7 @@ impl SigningKey {
         Ok(SigningKey {
             kid: kid.to_owned(),
             alg,
-            header_b64: signed_header_b64(kid, alg),
+            header_b64,
             key,
         })
     }
@@ -438,7 +441,8 @@ impl SigningKey {
             bytes.len()
         };
         let len = match &self.key {
-            PrivateSigner::Hmac(key) => put(hmac::sign(key, input).as_ref()),
+            // The HMAC has already absorbed the header and the dot.
+            PrivateSigner::Hmac(key) => put(&key.tag(&input[self.header_b64.len() + 1..])),
             PrivateSigner::Rsa(pair) => {
                 let len = pair.public_modulus_len();
                 let out = buf.get_mut(..len).ok_or_else(failed)?;
