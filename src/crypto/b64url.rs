@@ -76,30 +76,53 @@ pub fn decoded_len(encoded_len: usize) -> Option<usize> {
 /// `input` is not canonical unpadded base64url or `out` is too short. On `None` the contents of
 /// `out` are unspecified.
 pub fn decode_into(input: &[u8], out: &mut [u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    let paths = Paths {
+        avx512: std::is_x86_feature_detected!("avx512vbmi")
+            && std::is_x86_feature_detected!("avx512bw"),
+        ssse3: std::is_x86_feature_detected!("ssse3"),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let paths = Paths {
+        avx512: false,
+        ssse3: false,
+    };
+    decode_with(input, out, paths)
+}
+
+/// Which vector paths [`decode_with`] may take: each only where the CPU has it (tests turn them
+/// off one by one, so that every path is checked on a machine that has them all).
+#[derive(Clone, Copy)]
+struct Paths {
+    avx512: bool,
+    ssse3: bool,
+}
+
+fn decode_with(input: &[u8], out: &mut [u8], paths: Paths) -> Option<usize> {
     let len = decoded_len(input.len())?;
     let out = out.get_mut(..len)?;
-    // Whole blocks of sixteen characters with SSSE3 where the CPU has it (every x86_64 of the
-    // last fifteen years), the rest below. Both refuse the same characters, and the vector part
-    // takes only whole groups of four, so the canonical-tail rule stays with the scalar code.
+    // Whole blocks of 64 characters with AVX-512 VBMI, then of sixteen with SSSE3 (every x86_64
+    // of the last fifteen years), the rest below. All refuse the same characters, and the vector
+    // parts take only whole groups of four, so the canonical-tail rule stays with the scalar code.
     #[cfg(target_arch = "x86_64")]
-    let (input, out) = if input.len() > 64
-        && std::is_x86_feature_detected!("avx512vbmi")
-        && std::is_x86_feature_detected!("avx512bw")
-    {
-        // SAFETY: the CPU supports AVX-512 VBMI and BW (and so AVX-512F), checked just above.
+    let (input, out) = if paths.avx512 && input.len() > 64 {
+        // SAFETY: the caller checked that the CPU supports AVX-512 VBMI and BW (and so
+        // AVX-512F).
         let blocks = unsafe { avx512::decode_blocks(input, out) }?;
         (&input[blocks * 64..], &mut out[blocks * 48..])
     } else {
         (input, out)
     };
     #[cfg(target_arch = "x86_64")]
-    let (input, out) = if input.len() >= 32 && std::is_x86_feature_detected!("ssse3") {
-        // SAFETY: the CPU supports SSSE3, checked just above.
+    let (input, out) = if paths.ssse3 && input.len() >= 32 {
+        // SAFETY: the caller checked that the CPU supports SSSE3.
         let blocks = unsafe { ssse3::decode_blocks(input, out) }?;
         (&input[blocks * 16..], &mut out[blocks * 12..])
     } else {
         (input, out)
     };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = paths;
     decode_scalar(input, out)?;
     Some(len)
 }
@@ -325,11 +348,43 @@ mod tests {
 
     use super::*;
 
+    /// Decodes through every path this CPU has (and with the vector paths turned off one by
+    /// one), checks that all agree, and returns their result.
     fn decode(input: &[u8]) -> Option<Vec<u8>> {
-        let mut out = vec![0u8; decoded_len(input.len())?];
-        let len = decode_into(input, &mut out)?;
-        out.truncate(len);
-        Some(out)
+        let run = |paths: Paths| {
+            let mut out = vec![0u8; decoded_len(input.len())?];
+            let len = decode_with(input, &mut out, paths)?;
+            out.truncate(len);
+            Some(out)
+        };
+        let mut out = vec![0u8; decoded_len(input.len()).unwrap_or(0)];
+        let detected = decode_into(input, &mut out).map(|len| out[..len].to_vec());
+        #[cfg(target_arch = "x86_64")]
+        let (avx512, ssse3) = (
+            std::is_x86_feature_detected!("avx512vbmi")
+                && std::is_x86_feature_detected!("avx512bw"),
+            std::is_x86_feature_detected!("ssse3"),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (avx512, ssse3) = (false, false);
+        for paths in [
+            Paths { avx512, ssse3 },
+            Paths {
+                avx512: false,
+                ssse3,
+            },
+            Paths {
+                avx512,
+                ssse3: false,
+            },
+            Paths {
+                avx512: false,
+                ssse3: false,
+            },
+        ] {
+            assert_eq!(run(paths), detected, "{:?}", String::from_utf8_lossy(input));
+        }
+        detected
     }
 
     #[test]
