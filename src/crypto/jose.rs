@@ -22,8 +22,8 @@
 //! key per kid, built once in [`VerifierSet::new`]): `jsonwebtoken::decode` rebuilds its verifier
 //! and re-parses the header and claims on every call, which costs more than an HMAC itself and
 //! would miss the "verify at 80% of the raw primitive" goal. An HS256 token whose header is the
-//! one our signer writes resumes an HMAC-SHA256 already fed with that header (RustCrypto `hmac`
-//! and `sha2`, see `OwnHeader`); any other HS256 token uses the aws-lc-rs key.
+//! one our signer writes resumes an HMAC-SHA256 already fed with that header
+//! ([`PrefixedHmac`], see `OwnHeader`); any other HS256 token uses the aws-lc-rs key.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -388,10 +388,7 @@ impl SigningKey {
         }
         let header_b64 = signed_header_b64(kid, alg);
         let key = match parse_private_key(kid, alg, material)? {
-            PrivateKey::Hmac => PrivateSigner::Hmac(Box::new(PrefixedHmac::new(
-                material,
-                &[header_b64.as_bytes(), b"."].concat(),
-            ))),
+            PrivateKey::Hmac => PrivateSigner::Hmac(Box::new(header_hmac(material, &header_b64))),
             PrivateKey::Rsa(pair) => PrivateSigner::Rsa(pair),
             PrivateKey::Ec(pair) => PrivateSigner::Ec(pair),
             PrivateKey::Ed(pair) => PrivateSigner::Ed(pair),
@@ -462,6 +459,12 @@ impl SigningKey {
         URL_SAFE_NO_PAD.encode_string(signature, &mut token);
         Ok(token)
     }
+}
+
+/// An HMAC-SHA256 keyed with `material` and fed with `header_b64` and the dot after it: the start
+/// of every token signed under that header. Signing and verification both resume it.
+fn header_hmac(material: &[u8], header_b64: &str) -> PrefixedHmac {
+    PrefixedHmac::new(material, &[header_b64.as_bytes(), b"."].concat())
 }
 
 /// `base64url` of the JWS header [`SigningKey`] writes, as `jsonwebtoken` serializes it.
@@ -565,10 +568,7 @@ impl VerifierSet {
             if let Some(verifier) = &verifier {
                 let encoded = signed_header_b64(&kid, alg);
                 let midstate = match verifier {
-                    Verifier::Hmac(_) => Some(PrefixedHmac::new(
-                        material,
-                        &[encoded.as_bytes(), b"."].concat(),
-                    )),
+                    Verifier::Hmac(_) => Some(header_hmac(material, &encoded)),
                     Verifier::Public(_) => None,
                 };
                 own_headers.push(OwnHeader {
